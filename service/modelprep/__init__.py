@@ -1,0 +1,1 @@
+"""Offline model preparation (needs the `prep` extra: torch, transformers, peft, onnx, onnxruntime)."""

@@ -1,0 +1,1 @@
+"""Embedded NVIDIA Triton Inference Server: launcher and python-backend model code (no torch)."""

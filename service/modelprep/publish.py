@@ -1,0 +1,85 @@
+"""Publish a built variant into a Triton model repository (see docs/model_repository.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from .errors import PrepError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: The committed Triton configs (config.pbtxt per model); copied into other repositories when they lack one.
+TEMPLATE_REPOSITORY = PROJECT_ROOT / "model_repository"
+BACKEND_MODEL = PROJECT_ROOT / "service" / "triton" / "backend_model.py"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def model_name(variant: str) -> str:
+    """The Triton model name of a precision variant (``int8`` -> ``classifier_int8``)."""
+    return f"classifier_{variant}"
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def publish_variant(
+    variant: str,
+    onnx_path: Path,
+    tokenizer_dir: Path,
+    labels: list[str],
+    max_length: int,
+    repository: Path,
+    version: int,
+    provenance: dict,
+) -> Path:
+    """Write ``<repository>/classifier_<variant>/<version>/`` with the model, its tokenizer, labels and provenance.
+
+    Returns:
+        The version directory.
+    """
+    name = model_name(variant)
+    repository = Path(repository)
+    model_dir = repository / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = model_dir / "config.pbtxt"
+    if not config.is_file():
+        template = TEMPLATE_REPOSITORY / name / "config.pbtxt"
+        if not template.is_file():
+            raise PrepError(f"no Triton config for {name}: expected {template}")
+        shutil.copy(template, config)
+    if not BACKEND_MODEL.is_file():
+        raise PrepError(f"missing the Triton python-backend model code {BACKEND_MODEL}")
+    vdir = model_dir / str(version)
+    tmp = model_dir / f".{version}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    shutil.copy(onnx_path, tmp / "model.onnx")
+    shutil.copy(BACKEND_MODEL, tmp / "model.py")
+    for f in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / f).is_file():
+            shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+    if not (tmp / "tokenizer.json").is_file():
+        raise PrepError(f"{tokenizer_dir} has no tokenizer.json (a fast tokenizer is required)")
+    (tmp / "labels.json").write_text(json.dumps(
+        {"labels": labels, "max_length": max_length, "variant": variant, "model_name": name, "version": version},
+        indent=2,
+    ))
+    (tmp / "provenance.json").write_text(json.dumps(
+        {"published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(), **provenance},
+        indent=2, default=str,
+    ))
+    # swap in atomically enough for a directory: a running Triton never sees a half-written version
+    if vdir.exists():
+        shutil.rmtree(vdir)
+    tmp.rename(vdir)
+    return vdir

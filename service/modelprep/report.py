@@ -1,0 +1,179 @@
+"""The evaluation report: JSON (everything), Markdown (the tables) and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+
+def machine_description() -> dict[str, object]:
+    """CPU model, core count, memory and library versions: every figure is reported with its machine."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    versions: dict[str, str] = {}
+    for mod in ("torch", "transformers", "peft", "onnx", "onnxruntime"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing library is just not listed
+            pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in text)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "cpu_flags": flags,
+        "gpu": None,
+        "python": platform.python_version(),
+        "libraries": versions,
+    }
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_markdown(report: dict) -> str:
+    """The human-readable tables of a report dict (as written by the pipeline)."""
+    m = report["machine"]
+    lines = [
+        f"# Model report: {report['dataset']['name']} ({report['train']['method']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, flags: {m['cpu_flags'] or 'none'}; "
+        f"no GPU. Built {report['built_at']} in {report['build_seconds']:.0f} s.",
+        f"Data: {report['dataset']['sizes']} (hash {report['dataset']['data_hash']}); test split held out.",
+        "",
+        "## Variants (test split)",
+        "",
+    ]
+    bss = report["evaluate"]["batch_sizes"] if report["evaluate"]["throughput"] else []
+    head = ["variant", "served", "size", "accuracy", "macro-F1", "Δacc vs FP32 (pts)", "agree w/ FP32",
+            "max |Δlogit|"] + [f"seq/s b{b}" for b in bss]
+    if bss:
+        head.append(f"× FP32 b{bss[-1]}")
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    rows = report["variants"]
+    fp32 = next((r for r in rows if r["name"] == "fp32"), None)
+    for r in rows:
+        d = (r["accuracy"] - fp32["accuracy"]) * 100 if fp32 else 0.0
+        cells = [
+            r["name"], "yes" if r["served"] else "", _fmt_size(r["size_bytes"]), f"{r['accuracy']:.4f}",
+            f"{r['macro_f1']:.4f}", f"{d:+.2f}",
+            "" if r["agreement_with_fp32"] is None else f"{r['agreement_with_fp32']:.4f}",
+            "" if r["max_abs_logit_diff_vs_fp32"] is None else f"{r['max_abs_logit_diff_vs_fp32']:.3g}",
+        ]
+        cells += [f"{r['throughput'].get(str(b), 0):.0f}" for b in bss]
+        if bss and fp32 and fp32["throughput"].get(str(bss[-1])):
+            cells.append(f"{r['throughput'][str(bss[-1])] / fp32['throughput'][str(bss[-1])]:.2f}×")
+        elif bss:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    if bss:
+        ev = report["evaluate"]
+        lines += [
+            "",
+            f"Throughput: in-process ONNX Runtime (CPU EP, {ev.get('threads') or m['cores']} threads), consecutive test "
+            f"questions padded to their batch's longest, median of {ev['repeats']} runs of ≥{ev['seconds_per_repeat']} s. "
+            "Runs on a shared 2-core VM vary by up to ~30%.",
+        ]
+    lines += ["", "## Targets", ""]
+    for t in report.get("targets", []):
+        lines.append(f"- {'PASS' if t['ok'] else 'MISS'}: {t['what']} — {t['detail']}")
+    methods = report.get("methods") or []
+    if methods:
+        lines += [
+            "",
+            "## Fine-tuning methods",
+            "",
+            "| method | trainable params | trainable % | s/epoch | how measured |",
+            "|---|---|---|---|---|",
+        ]
+        for mm in methods:
+            lines.append(
+                f"| {mm['method']} | {mm['trainable_parameters']:,} | {100 * mm['trainable_fraction']:.2f}% | "
+                f"{mm['epoch_seconds']:.0f} | {mm['how']} |"
+            )
+    tr = report["train"]
+    lines += [
+        "",
+        "## Training of the served model",
+        "",
+        f"Method {tr['method']}, {tr['epochs_run']} epoch(s), {tr['steps']} steps, best validation accuracy "
+        f"{tr['best_validation_accuracy']}, merge parity (merged vs adapter, max |Δlogit|) "
+        f"{report['merge']['max_abs_logit_diff_vs_adapter']}, ONNX parity vs torch "
+        f"{report['export']['parity_max_abs_logit_diff_vs_torch']:.3g}.",
+        "",
+        "![variants](report.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_png(report: dict, path: Path) -> Path:
+    """Bar charts: test accuracy and throughput at the largest batch size per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["variants"]
+    names = [r["name"] for r in rows]
+    bss = report["evaluate"]["batch_sizes"] if report["evaluate"]["throughput"] else []
+    ncols = 2 if bss else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
+    colors = ["#4C72B0" if not r["served"] else "#DD8452" for r in rows]
+    ax = axes[0][0]
+    accs = [100 * r["accuracy"] for r in rows]
+    ax.bar(names, accs, color=colors)
+    lo = min(accs) - 3
+    ax.set_ylim(max(0, lo), 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy per variant (orange = served)")
+    for i, a in enumerate(accs):
+        ax.text(i, a + 0.1, f"{a:.2f}", ha="center", fontsize=8)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    if bss:
+        ax = axes[0][1]
+        width = 0.8 / len(bss)
+        for k, b in enumerate(bss):
+            vals = [r["throughput"].get(str(b), 0) for r in rows]
+            ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(rows))], vals, width, label=f"batch {b}")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=30, fontsize=8)
+        ax.set_ylabel("sequences / s (median)")
+        ax.set_title(f"In-process throughput, {report['machine']['cores']} CPU cores")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: Path) -> Path:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``; returns the JSON path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    render_png(report, out_dir / "report.png")
+    return out_dir / "report.json"

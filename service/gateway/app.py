@@ -1,0 +1,181 @@
+"""The application factory: wires settings, backend, batchers, routes, error handlers and metrics.
+
+Nothing is created at import time; ``create_app`` builds everything and the lifespan starts and stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.gateway.api import health, routes
+from service.gateway.backend.base import InferenceBackend
+from service.gateway.errors import PayloadTooLarge, add_exception_handlers, error_response, internal_error_response
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.runtime import GatewayRuntime
+from service.gateway.settings import Settings
+
+logger = logging.getLogger("service.gateway")
+
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class RequestContextMiddleware:
+    """Pure ASGI middleware (no BaseHTTPMiddleware, which would break disconnect detection).
+
+    Per HTTP request it: assigns the request id (echoes a sane ``x-request-id`` or generates one); enforces
+    ``max_body_bytes`` (413) by reading the body up front, which is bounded by that limit; adds ``x-request-id`` and
+    ``x-total-time`` (integer milliseconds) to the response; counts the request in the metrics by route template and
+    status; and turns any unhandled exception into the generic 500, logging the traceback with the request id.
+
+    Args:
+        app: The wrapped application.
+        max_body_bytes: Largest accepted body.
+        metrics: Where requests are counted.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status_holder: dict[str, Any] = {"status": 500, "started": False}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                total_ms = round((time.perf_counter() - started) * 1000)
+                headers.append((b"x-total-time", str(total_ms).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            if scope.get("method") in _BODY_METHODS:
+                body_or_none = await _read_body(scope, receive, self.max_body_bytes)
+                if body_or_none is None:
+                    resp = error_response(PayloadTooLarge(f"request body larger than {self.max_body_bytes} bytes"))
+                    await resp(scope, receive, send_wrapper)
+                    return
+                receive = _replay(body_or_none, receive)
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            logger.exception("unhandled error (request id %s)", request_id)
+            if not status_holder["started"]:
+                await internal_error_response()(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests_total.labels(route=template, code=str(status_holder["status"])).inc()
+            self.metrics.request_duration_seconds.labels(route=template).observe(time.perf_counter() - started)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == REQUEST_ID_HEADER.encode():
+            text = value.decode("latin-1")
+            if _REQUEST_ID_OK.match(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """Read the whole body, or return None as soon as it exceeds ``limit`` bytes."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                if int(value) > limit:
+                    return None
+            except ValueError:
+                pass
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        # After the body, delegate: the server's next message is http.disconnect (used to detect gone clients).
+        return await receive()
+
+    return replay
+
+
+def create_app(settings: Settings, backend: InferenceBackend | None = None) -> FastAPI:
+    """Build the gateway application.
+
+    Args:
+        settings: Validated settings.
+        backend: The inference backend; a :class:`TritonBackend` on ``settings.triton`` when None.
+
+    Returns:
+        The FastAPI application; its lifespan loads the models, connects the backend and starts the batchers.
+    """
+    if backend is None:
+        from service.gateway.backend.triton import TritonBackend
+
+        backend = TritonBackend(settings.triton)
+    metrics = GatewayMetrics(version=__version__, git_sha=settings.build_git_sha)
+    runtime = GatewayRuntime(settings, backend, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="loraserve gateway",
+        version=__version__,
+        description="Text classification with dynamic batching in front of NVIDIA Triton. Errors always have the "
+        "body {\"error\": str, \"error_type\": str}. Timing headers x-queue-time, x-inference-time and x-total-time "
+        "are integer milliseconds.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.settings = settings
+    add_exception_handlers(app)
+    app.include_router(routes.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    return app

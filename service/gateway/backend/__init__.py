@@ -1,0 +1,1 @@
+"""Compute: the backend protocol, the Triton adapter, the fake backend."""

@@ -1,0 +1,1 @@
+"""Scheduling: the pure batching policy, the bounded queue, the async batcher."""

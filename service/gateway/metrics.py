@@ -1,0 +1,114 @@
+"""Every Prometheus metric of the gateway, defined once here.
+
+Names follow Prometheus conventions: the ``gateway_`` prefix, base units in the name (``_seconds``), counters end in
+``_total``, no colons. Labels are bounded: route templates, variants, model names, status codes, reasons.
+The metrics live on a per-application ``CollectorRegistry`` (not the process-global one), so several apps can exist
+in one process (tests) and nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+#: Request latency buckets (seconds): fine below 100 ms, where the SLO lives, then coarse up to a minute.
+REQUEST_DURATION_BUCKETS_SECONDS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+#: Queue-wait buckets (seconds): the wait is normally a few ms (max_wait_seconds) unless the backend is saturated.
+QUEUE_WAIT_BUCKETS_SECONDS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)  # fmt: skip
+#: Backend call buckets (seconds).
+BACKEND_DURATION_BUCKETS_SECONDS = REQUEST_DURATION_BUCKETS_SECONDS
+#: Tokenization buckets (seconds): a batch of short texts takes well under a millisecond.
+TOKENIZE_DURATION_BUCKETS_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+#: Batch-size buckets: powers of two, as TEI's batch histogram.
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(0, 13))
+#: Padded sequence length of a batch (tokens), powers of two.
+BATCH_SEQUENCE_LENGTH_BUCKETS = tuple(float(2**i) for i in range(2, 12))
+
+#: The only values of gateway_requests_rejected_total's ``reason`` label.
+REJECT_REASONS = ("queue_full", "deadline", "client_disconnect", "shutdown")
+
+
+class GatewayMetrics:
+    """The gateway's metric objects, registered on one registry.
+
+    Args:
+        registry: Where to register; a fresh one per application by default.
+        version: Gateway version for gateway_build_info.
+        git_sha: Build commit for gateway_build_info.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, version: str, git_sha: str) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests_total = Counter(
+            "gateway_requests", "HTTP requests answered, by route template and status code.", ["route", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.request_duration_seconds = Histogram(
+            "gateway_request_duration_seconds", "Time from request arrival to response start, by route template.",
+            ["route"], buckets=REQUEST_DURATION_BUCKETS_SECONDS, registry=r,
+        )  # fmt: skip
+        self.queue_wait_seconds = Histogram(
+            "gateway_queue_wait_seconds", "Time a text waited in the variant queue before its batch was formed.",
+            ["variant"], buckets=QUEUE_WAIT_BUCKETS_SECONDS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "gateway_batch_size", "Rows per backend call (after dropping dead entries).", ["variant"],
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_sequence_length = Histogram(
+            "gateway_batch_sequence_length", "Padded sequence length (tokens) of each batch sent to the backend.",
+            ["variant"], buckets=BATCH_SEQUENCE_LENGTH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokenize_duration_seconds = Histogram(
+            "gateway_tokenize_duration_seconds", "Time to tokenize and pad one batch.", ["variant"],
+            buckets=TOKENIZE_DURATION_BUCKETS_SECONDS, registry=r,
+        )  # fmt: skip
+        self.backend_request_duration_seconds = Histogram(
+            "gateway_backend_request_duration_seconds", "Duration of one backend (Triton) call, one per batch.",
+            ["model"], buckets=BACKEND_DURATION_BUCKETS_SECONDS, registry=r,
+        )  # fmt: skip
+        self.backend_errors_total = Counter(
+            "gateway_backend_errors", "Failed backend calls, by model and error_type of the resulting error.",
+            ["model", "status"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "gateway_queue_depth", "Texts waiting in the variant queue.", ["variant"], registry=r
+        )
+        self.inflight_batches = Gauge(
+            "gateway_inflight_batches", "Batches sent to the backend and not yet answered.", ["variant"], registry=r
+        )
+        self.requests_rejected_total = Counter(
+            "gateway_requests_rejected", "Texts refused or dropped before inference, by reason.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.build_info = Gauge(
+            "gateway_build_info", "Always 1; the labels carry the gateway version and build commit.",
+            ["version", "git_sha"], registry=r,
+        )  # fmt: skip
+        self.build_info.labels(version=version, git_sha=git_sha).set(1)
+        # Pre-create the bounded label values so the series exist (at 0) before the first event.
+        for reason in REJECT_REASONS:
+            self.requests_rejected_total.labels(reason=reason)
+
+    def init_variant(self, variant: str, model: str) -> None:
+        """Create the per-variant series at zero so dashboards and the HPA see them before traffic.
+
+        Args:
+            variant: The served variant.
+            model: Its Triton model name.
+        """
+        self.queue_depth.labels(variant=variant).set(0)
+        self.inflight_batches.labels(variant=variant).set(0)
+        self.batch_size.labels(variant=variant)
+        self.queue_wait_seconds.labels(variant=variant)
+        self.backend_request_duration_seconds.labels(model=model)
+
+    def render(self) -> tuple[bytes, str]:
+        """Return the text exposition of every metric and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,118 @@
+"""The gateway's running state: served models, one batcher per variant, the backend, and the draining flag.
+
+Built by ``create_app`` and started/stopped by its lifespan; routes reach it through ``request.app.state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from service.gateway.backend.base import InferenceBackend
+from service.gateway.batching.batcher import DynamicBatcher
+from service.gateway.batching.policy import BatchLimits
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.repository import BatchEncoder, VariantModel, load_variant_model
+from service.gateway.settings import Settings
+
+logger = logging.getLogger("service.gateway")
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start with this configuration (message names the bad values)."""
+
+
+class GatewayRuntime:
+    """Everything the routes need at request time.
+
+    Args:
+        settings: Validated settings.
+        backend: The inference backend.
+        metrics: The application's metrics.
+    """
+
+    def __init__(self, settings: Settings, backend: InferenceBackend, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.metrics = metrics
+        self.models: dict[str, VariantModel] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.server_max_batch_sizes: dict[str, int | None] = {}
+        self.draining = False
+        self.started = False
+
+    async def start(self) -> None:
+        """Load the repository files, wait for the backend, check limits, start one batcher per variant.
+
+        Raises:
+            StartupError: Missing model files, a backend that never becomes ready, or a gateway max_batch_size
+                larger than the backend's.
+        """
+        s = self.settings
+        try:
+            for variant in s.variants:
+                self.models[variant] = load_variant_model(
+                    s.triton.model_repository, s.model_name(variant), variant, s.triton.model_version
+                )
+        except RuntimeError as exc:
+            raise StartupError(f"model repository {s.triton.model_repository}: {exc}") from None
+        encoders = {v: BatchEncoder(m.version_dir / "tokenizer.json", m.max_length) for v, m in self.models.items()}
+        wanted = {m.model_name: m.version for m in self.models.values()}
+        try:
+            await self.backend.start(wanted, timeout_seconds=s.triton.startup_timeout_seconds)
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        for m in self.models.values():
+            server_max = await self.backend.max_batch_size(m.model_name)
+            self.server_max_batch_sizes[m.model_name] = server_max
+            if server_max is None:
+                raise StartupError(f"model {m.model_name} does not accept batches (its max_batch_size is 0)")
+            if s.batch.max_batch_size > server_max:
+                raise StartupError(
+                    f"gateway batch.max_batch_size ({s.batch.max_batch_size}) > triton max_batch_size of "
+                    f"{m.model_name} ({server_max}); lower GATEWAY_BATCH__MAX_BATCH_SIZE"
+                )
+        limits = BatchLimits(
+            max_batch_size=s.batch.max_batch_size,
+            max_wait_seconds=s.batch.max_wait_seconds,
+            max_batch_tokens=s.batch.max_batch_tokens,
+            length_bucket_edges=s.batch.length_bucket_edges,
+        )
+        for variant, m in self.models.items():
+            self.metrics.init_variant(variant, m.model_name)
+            self.batchers[variant] = DynamicBatcher(
+                m,
+                encoders[variant],
+                self.backend,
+                limits=limits,
+                max_queue_size=s.batch.max_queue_size,
+                max_inflight_batches=s.batch.max_inflight_batches,
+                retry_after_seconds=s.retry_after_seconds,
+                metrics=self.metrics,
+                tokenize_in_thread=s.batch.tokenize_in_thread,
+            )
+        for b in self.batchers.values():
+            await b.start()
+        self.started = True
+        logger.info("gateway ready: variants %s, backend models %s", list(self.models), wanted)
+
+    async def stop(self) -> None:
+        """Drain: refuse new work, let every batcher finish what it accepted (bounded), close the backend."""
+        self.draining = True
+        await asyncio.gather(*(b.stop(self.settings.drain_timeout_seconds) for b in self.batchers.values()))
+        await self.backend.aclose()
+        self.started = False
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Say whether the gateway should receive traffic.
+
+        Returns:
+            ``(ready, reason)``; the reason explains a ``False``.
+        """
+        if self.draining:
+            return False, "gateway is draining"
+        if not self.started or not all(b.running for b in self.batchers.values()):
+            return False, "batchers are not running"
+        if not await self.backend.ready():
+            return False, "inference server or a served model is not ready"
+        return True, "ready"

@@ -1,0 +1,202 @@
+"""Gateway settings: one pydantic-settings object, built once at start-up and passed down explicitly.
+
+Every field is read from an environment variable with the prefix ``GATEWAY_``; nested groups use ``__``
+(``GATEWAY_BATCH__MAX_BATCH_SIZE=32``, ``GATEWAY_TRITON__GRPC_URL=127.0.0.1:8001``). Durations are in seconds and
+sizes in bytes or counts, and the unit is part of every name. Validation happens here, at start-up, so a bad value
+stops the process with a message that names the setting and the value instead of failing a request later.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
+
+
+class BatchSettings(BaseModel):
+    """Dynamic batching limits, applied per served variant (each variant has its own queue and batcher)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    """Most rows (texts) in one backend call. Must not exceed the Triton model's own max_batch_size."""
+
+    max_wait_seconds: float = Field(0.005, ge=0.0, le=10.0)
+    """How long the oldest queued text may wait for companions before a partial batch is sent."""
+
+    max_queue_size: int = Field(512, ge=1, le=1_000_000)
+    """Most texts waiting per variant; beyond it requests are refused with 429 and Retry-After."""
+
+    max_inflight_batches: int = Field(2, ge=1, le=64)
+    """Most batches of one variant sent to the backend and not yet answered (the next one forms meanwhile)."""
+
+    max_batch_tokens: int = Field(8192, ge=1, le=10_000_000)
+    """Padded-token budget of one batch (rows x longest sequence); caps padding work as TEI's max_batch_tokens."""
+
+    length_bucket_edges: Annotated[tuple[int, ...], NoDecode] = (16, 32, 64, 128, 256)
+    """Upper edges (in estimated tokens) of the length buckets; a batch only holds texts of one bucket, so short
+    texts are never padded to long ones. Comma-separated in the environment, e.g. ``16,32,64``."""
+
+    tokenize_in_thread: bool = True
+    """Tokenize each batch in a worker thread (the tokenizers library releases the GIL) to keep the event loop
+    free for accepting requests while a batch is encoded."""
+
+    @field_validator("length_bucket_edges", mode="before")
+    @classmethod
+    def _split_edges(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            try:
+                return tuple(int(p) for p in parts)
+            except ValueError:
+                raise ValueError(f"length_bucket_edges must be comma-separated integers, got {value!r}") from None
+        return value
+
+    @field_validator("length_bucket_edges")
+    @classmethod
+    def _check_edges(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(e < 1 for e in value) or list(value) != sorted(set(value)):
+            raise ValueError(f"length_bucket_edges must be strictly increasing positive integers, got {value!r}")
+        return value
+
+
+class TritonSettings(BaseModel):
+    """Where Triton is and how the gateway talks to it."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    grpc_url: str = "127.0.0.1:8001"
+    """Triton's gRPC endpoint, host:port (no scheme). Replaced by the embedded server's URL with --embedded-triton."""
+
+    model_repository: Path = Path("model_repository")
+    """The model repository the gateway reads tokenizer.json and labels.json from (the one Triton serves)."""
+
+    model_name_prefix: str = Field("classifier", pattern=r"^[A-Za-z0-9_\-]+$")
+    """Triton model name of a variant is ``<prefix>_<variant>`` (the model repository contract)."""
+
+    model_version: int | None = Field(None, ge=1)
+    """Pin one model version for every variant; unset means the highest version directory in the repository.
+    The gateway asks Triton for exactly that version, so tokenizer and weights always match."""
+
+    client_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
+    """gRPC client timeout of one inference call (one batch)."""
+
+    health_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0)
+    """gRPC client timeout of the readiness checks behind /readyz."""
+
+    startup_timeout_seconds: float = Field(120.0, gt=0.0, le=3600.0)
+    """How long start-up waits for Triton and its models to become ready (embedded or external)."""
+
+    @field_validator("grpc_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "://" in value or not re.match(r"^[^:/\s]+:\d{1,5}$", value):
+            raise ValueError(f"grpc_url must be host:port without a scheme, got {value!r}")
+        return value
+
+
+class Settings(BaseSettings):
+    """All gateway settings (env prefix ``GATEWAY_``, nested delimiter ``__``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+    host: str = "127.0.0.1"
+    """Address uvicorn binds. Loopback by default; set 0.0.0.0 only inside a container."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """HTTP port (0 picks a free one)."""
+
+    variants: Annotated[tuple[str, ...], NoDecode] = ("int8", "fp16")
+    """Precision variants served (comma-separated in the environment). Each is the Triton model
+    ``<model_name_prefix>_<variant>``."""
+
+    default_variant: str = "int8"
+    """Variant used when a request names none. INT8 is the fast one on CPU; FP16 is the GPU choice."""
+
+    max_client_batch_size: int = Field(64, ge=1, le=10_000)
+    """Most texts in one request; more gives 413."""
+
+    max_body_bytes: int = Field(1_048_576, ge=256, le=1 << 30)
+    """Largest accepted request body; larger gives 413."""
+
+    max_text_chars: int = Field(20_000, ge=1, le=10_000_000)
+    """Longest accepted text in characters (texts are truncated to the model's max_length tokens anyway; this only
+    bounds the work spent tokenizing); longer gives 413."""
+
+    request_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    """Server-side deadline of a request when the client sends none; a client deadline can only shorten it."""
+
+    retry_after_seconds: int = Field(1, ge=0, le=3600)
+    """Value of the Retry-After header on 429 responses."""
+
+    drain_grace_seconds: float = Field(1.0, ge=0.0, le=600.0)
+    """After SIGTERM, how long /readyz reports not ready (and new requests get 503) before the listener closes,
+    so a load balancer stops routing here first."""
+
+    drain_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    """After the listener closes, the longest wait for accepted requests and queued batches to finish."""
+
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of the gateway and uvicorn."""
+
+    build_git_sha: str = Field("unknown", max_length=64)
+    """Git commit of this build, exported in gateway_build_info (set by the image build)."""
+
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    """Dynamic batching (GATEWAY_BATCH__*)."""
+
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    """Triton connection and model repository (GATEWAY_TRITON__*)."""
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split_variants(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("variants must name at least one variant, got an empty list")
+        for v in value:
+            if not _VARIANT_RE.match(v):
+                raise ValueError(f"variant names are lower-case letters, digits and '_', got {v!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"variants must not repeat, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.default_variant not in self.variants:
+            raise ValueError(
+                f"default_variant ({self.default_variant!r}) is not one of the served variants {list(self.variants)}"
+            )
+        if self.max_client_batch_size > self.batch.max_queue_size:
+            raise ValueError(
+                f"max_client_batch_size ({self.max_client_batch_size}) > batch.max_queue_size "
+                f"({self.batch.max_queue_size}): such a request could never be admitted"
+            )
+        return self
+
+    def model_name(self, variant: str) -> str:
+        """Return the Triton model name serving ``variant``.
+
+        Args:
+            variant: A served variant such as ``"int8"``.
+
+        Returns:
+            ``<model_name_prefix>_<variant>``.
+        """
+        return f"{self.triton.model_name_prefix}_{variant}"

@@ -86,6 +86,7 @@ class FakeBackend:
         self.calls: list[FakeCall] = []
         self.gate: asyncio.Event | None = None
         self.entered = 0
+        self._entered_changed = asyncio.Condition()
         self.started_models: dict[str, int] = {}
         self.closed = False
 
@@ -94,13 +95,24 @@ class FakeBackend:
         self.gate = asyncio.Event()
         return self.gate
 
+    async def wait_entered(self, count: int, timeout_seconds: float = 5.0) -> None:
+        """Wait until ``count`` calls have entered ``infer`` (for tests that hold calls in flight).
+
+        Raises:
+            TimeoutError: If fewer calls arrived within ``timeout_seconds``.
+        """
+        async with self._entered_changed:
+            await asyncio.wait_for(self._entered_changed.wait_for(lambda: self.entered >= count), timeout_seconds)
+
     async def start(self, models: Mapping[str, int], *, timeout_seconds: float) -> None:
         """Record the models; nothing to connect to."""
         self.started_models = dict(models)
 
     async def infer(self, model: str, version: int, input_ids: np.ndarray, attention_mask: np.ndarray) -> InferOutput:
         """Answer one batch with :func:`fake_logits`."""
-        self.entered += 1
+        async with self._entered_changed:
+            self.entered += 1
+            self._entered_changed.notify_all()
         self.calls.append(
             FakeCall(model, version, int(input_ids.shape[0]), int(input_ids.shape[1]),
                      tuple(int(x) for x in attention_mask.sum(axis=1)))

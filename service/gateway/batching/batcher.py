@@ -111,6 +111,7 @@ class DynamicBatcher:
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._draining = False
+        self._stopped = False
         self._queue_wait = metrics.queue_wait_seconds.labels(variant=variant)
         self._batch_size = metrics.batch_size.labels(variant=variant)
         self._seq_len = metrics.batch_sequence_length.labels(variant=variant)
@@ -155,8 +156,9 @@ class DynamicBatcher:
         self._accepting = False
         self._draining = True
         self._queue.wake()
-        if self._loop_task is None:
+        if self._loop_task is None or self._stopped:
             return
+        self._stopped = True
         give_up = time.monotonic() + timeout_seconds
         try:
             await asyncio.wait_for(asyncio.shield(self._loop_task), timeout_seconds)

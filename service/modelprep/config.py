@@ -251,6 +251,8 @@ class QuantizeConfig:
         exclude_attention_matmuls: keep the activation x activation MatMuls of attention in FP32 (static QDQ with
             them quantized is unusable on MiniLM: the attention-mask add wrecks activation ranges).
         exclude_classifier: keep the classifier head in FP32.
+        quantize_embeddings: also store the embedding tables (Gather) in INT8: they are half of MiniLM's bytes, and
+            dequantizing a looked-up row is cheap.
     """
 
     mode: str = "dynamic"
@@ -262,6 +264,7 @@ class QuantizeConfig:
     calibration_method: str = "minmax"
     exclude_attention_matmuls: bool = True
     exclude_classifier: bool = True
+    quantize_embeddings: bool = True
 
     def __post_init__(self) -> None:
         _check(self.mode in ("dynamic", "static"), f"mode must be 'dynamic' or 'static', got {self.mode!r}")
@@ -280,6 +283,8 @@ class QuantizeConfig:
             parts.append("asym-act" if not self.activation_symmetric else "sym-act")
         if self.reduce_range:
             parts.append("rr")
+        if not self.quantize_embeddings:
+            parts.append("fp32emb")
         return "-".join(parts)
 
 

@@ -136,6 +136,7 @@ def quantize_int8(
             log.warning("quant_pre_process failed (%s); quantizing the raw export", e)
             shutil.copy(fp32_path, pre)
         exclude = _nodes_to_exclude(pre, cfg)
+        op_types = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
         weight_type = QuantType.QInt8 if cfg.weight_symmetric else QuantType.QUInt8
         extra = {"WeightSymmetric": cfg.weight_symmetric}
         if cfg.mode == "dynamic":
@@ -144,7 +145,7 @@ def quantize_int8(
                 per_channel=cfg.per_channel,
                 reduce_range=cfg.reduce_range,
                 weight_type=weight_type,
-                op_types_to_quantize=["MatMul", "Gemm"],
+                op_types_to_quantize=op_types,
                 nodes_to_exclude=exclude,
                 extra_options=extra,
             )
@@ -166,7 +167,7 @@ def quantize_int8(
                 reduce_range=cfg.reduce_range,
                 activation_type=QuantType.QInt8 if cfg.activation_symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8 if cfg.weight_symmetric else QuantType.QUInt8,
-                op_types_to_quantize=["MatMul", "Gemm"],
+                op_types_to_quantize=op_types,
                 nodes_to_exclude=exclude,
                 calibrate_method=method,
                 extra_options=extra,

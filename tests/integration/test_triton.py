@@ -63,8 +63,15 @@ def _texts(count: int, min_words: int = 2) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer(model_repository) -> Tokenizer:
-    """The tokenizer published beside the INT8 model, as the gateway loads it."""
-    return Tokenizer.from_file(str(_version_dir(model_repository, "int8") / "tokenizer.json"))
+    """The tokenizer published beside the INT8 model, as the gateway loads it, without truncation.
+
+    Truncation (the training max_length) is the gateway's business; here it would make long test texts the
+    same length, and these tests need distinct lengths.
+    """
+    loaded = Tokenizer.from_file(str(_version_dir(model_repository, "int8") / "tokenizer.json"))
+    loaded.no_truncation()
+    loaded.no_padding()
+    return loaded
 
 
 @pytest.fixture(scope="session")
@@ -255,8 +262,12 @@ def test_extra_padding_keeps_logits(triton_server, tokenizer, reference_sessions
     padded = _grpc_infer(triton_server, _model_name(variant), padded_ids, padded_mask)
     np.testing.assert_allclose(padded, _reference(reference_sessions, variant, ids, mask),
                                rtol=0, atol=PADDED_ATOL[variant])
-    # Same prediction for every row: padding must never change the answer.
-    assert (padded.argmax(1) == _reference(reference_sessions, variant, ids, mask).argmax(1)).all()
+    # Padding must never change the answer (rows whose top two logits are closer than the tolerance are
+    # near-ties of a weakly trained model and skipped).
+    expected = _reference(reference_sessions, variant, ids, mask)
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * PADDED_ATOL[variant]
+    assert (padded.argmax(1)[clear] == expected.argmax(1)[clear]).all()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -266,7 +277,8 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(
     model = _model_name(variant)
     texts = _texts(32, min_words=2)
     requests = [_encode(tokenizer, [text]) for text in texts]
-    assert len({ids.shape[1] for ids, _ in requests}) >= 16, "the test needs many distinct lengths"
+    # All lengths distinct: without ragged batching Triton could not merge any two of them.
+    assert len({ids.shape[1] for ids, _ in requests}) == len(requests)
     inference_before, executions_before = _stats(triton_server, model)
 
     results = asyncio.run(_aio_infer_many(triton_server.grpc_url, model, requests))

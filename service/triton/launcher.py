@@ -310,7 +310,8 @@ class TritonServer:
                 handle, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
                 os.close(handle)
                 self._log_path = Path(name)
-            auto_ports = not (self.config.http_port and self.config.grpc_port and self.config.metrics_port)
+            # Retrying helps only when every port is ours to choose; a fixed port that is taken stays taken.
+            auto_ports = not (self.config.http_port or self.config.grpc_port or self.config.metrics_port)
             attempts = MAX_PORT_ATTEMPTS if auto_ports else 1
             for attempt in range(1, attempts + 1):
                 try:

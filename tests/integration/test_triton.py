@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -382,6 +382,20 @@ def test_start_on_broken_repository_raises_with_log_tail(model_repository, tmp_p
     assert "no model.onnx" in message
     assert not server.is_alive()
     assert _process_gone(server.pid)
+
+
+def test_taken_port_fails_the_start_with_the_reason(model_repository, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = TritonServer(
+            TritonLaunchConfig(model_repository, models=(_model_name("int8"),), http_port=port,
+                               log_path=tmp_path / "triton.log")
+        )
+        with pytest.raises(TritonStartError, match=f"127.0.0.1:{port}' already in use"):
+            server.start()
+    assert not server.is_alive()
 
 
 def test_missing_repository_is_a_clear_error(tmp_path):

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ LOOPBACK = "127.0.0.1"
 MAX_PORT_ATTEMPTS = 3
 READY_POLL_SECONDS = 0.25
 EXIT_TIMEOUT_SECONDS = 10
+GROUP_EXIT_CHECKS = 50
+GROUP_EXIT_POLL_SECONDS = 0.1
 _LOG_TAIL_BYTES = 256 * 1024
 
 
@@ -358,9 +361,12 @@ class TritonServer:
 
     def _wait_ready(self) -> None:
         assert self._process is not None
-        deadline_checks = max(1, int(self.config.startup_timeout_seconds / READY_POLL_SECONDS))
+        deadline = time.monotonic() + self.config.startup_timeout_seconds
         ready_url = f"{self.http_url}/v2/health/ready"
-        for _ in range(deadline_checks):
+        # Bounded twice: by the number of checks and by the clock (a hanging probe also uses up time).
+        for _ in range(max(1, int(self.config.startup_timeout_seconds / READY_POLL_SECONDS))):
+            if time.monotonic() > deadline:
+                break
             # Waiting on the process both paces the loop and notices an early exit at once.
             try:
                 code = self._process.wait(timeout=READY_POLL_SECONDS)
@@ -388,8 +394,26 @@ class TritonServer:
                 os.killpg(process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10.0)
+        self._wait_group_gone(process.pid)
         with _live_lock:
             _live_servers.discard(self)
+
+    @staticmethod
+    def _wait_group_gone(pgid: int) -> None:
+        """Make sure nothing of the server's process group (python stubs included) outlives it.
+
+        Killed stubs take a few milliseconds to exit; a stub still there after its server ended is an orphan
+        and is killed. Bounded: GROUP_EXIT_CHECKS x GROUP_EXIT_POLL_SECONDS.
+        """
+        for _ in range(GROUP_EXIT_CHECKS):
+            try:
+                os.killpg(pgid, 0)  # signal 0: does any member still exist?
+            except (ProcessLookupError, PermissionError):
+                return
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+            time.sleep(GROUP_EXIT_POLL_SECONDS)
+        logger.warning("processes of tritonserver group %d still exist (unreaped zombies?)", pgid)
 
     def stop(self, timeout_seconds: float = 15.0) -> None:
         """Stop the server: SIGTERM (Triton drains in-flight requests), then SIGKILL to its process group.

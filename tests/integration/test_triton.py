@@ -398,6 +398,16 @@ def test_taken_port_fails_the_start_with_the_reason(model_repository, tmp_path):
     assert not server.is_alive()
 
 
+def test_startup_timeout_kills_the_server(model_repository, tmp_path):
+    # Model loading takes longer than 50 ms, so the deadline passes first.
+    server = TritonServer(TritonLaunchConfig(model_repository, log_path=tmp_path / "triton.log",
+                                             startup_timeout_seconds=0.05))
+    with pytest.raises(TritonStartError, match="not ready after"):
+        server.start()
+    assert not server.is_alive()
+    assert _group_members(server.pid) == []
+
+
 def test_missing_repository_is_a_clear_error(tmp_path):
     with pytest.raises(TritonStartError, match="is not a directory"):
         TritonServer(TritonLaunchConfig(tmp_path / "nowhere")).start()

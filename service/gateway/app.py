@@ -17,10 +17,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.gateway.api import health, routes
+from service.gateway.api import health, routes, v2
+from service.gateway.api.auth import ApiKeyMiddleware
 from service.gateway.backend.base import InferenceBackend
 from service.gateway.errors import PayloadTooLarge, add_exception_handlers, error_response, internal_error_response
-from service.gateway.metrics import GatewayMetrics
+from service.gateway.metrics import NO_VARIANT, GatewayMetrics
 from service.gateway.runtime import GatewayRuntime
 from service.gateway.settings import Settings
 
@@ -86,8 +87,14 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests_total.labels(route=template, code=str(status_holder["status"])).inc()
-            self.metrics.request_duration_seconds.labels(route=template).observe(time.perf_counter() - started)
+            # The classify route records the variant in the request state only once it is a served one, so the
+            # label stays bounded; every other request is "none".
+            variant = scope.get("state", {}).get("variant", NO_VARIANT)
+            self.metrics.requests_total.labels(route=template, variant=variant,
+                                               code=str(status_holder["status"])).inc()  # fmt: skip
+            self.metrics.request_duration_seconds.labels(route=template, variant=variant).observe(
+                time.perf_counter() - started
+            )
 
 
 def _request_id(scope: Scope) -> str:
@@ -139,15 +146,19 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def create_app(settings: Settings, backend: InferenceBackend | None = None) -> FastAPI:
+def create_app(settings: Settings, backend: InferenceBackend | None = None, *, serve_grpc: bool = False) -> FastAPI:
     """Build the gateway application.
 
     Args:
         settings: Validated settings.
         backend: The inference backend; a :class:`TritonBackend` on ``settings.triton`` when None.
+        serve_grpc: Also run the v2 gRPC server (on ``settings.grpc_port``, unless it is -1) inside the lifespan,
+            on the same event loop and batchers. The process entry point turns it on; in-process tests opt in, so
+            that apps built by tests do not bind the default gRPC port.
 
     Returns:
-        The FastAPI application; its lifespan loads the models, connects the backend and starts the batchers.
+        The FastAPI application; its lifespan loads the models, connects the backend, starts the batchers (and the
+        gRPC server), and on shutdown drains them in that order reversed.
     """
     if backend is None:
         from service.gateway.backend.triton import TritonBackend
@@ -159,9 +170,24 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        grpc_server = None
+        if serve_grpc and settings.grpc_port >= 0:
+            from service.gateway.api.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(runtime, settings.host, settings.grpc_port)
+            try:
+                app.state.grpc_port = await grpc_server.start()
+            except BaseException:
+                await runtime.stop()
+                raise
         try:
             yield
         finally:
+            # New RPCs are refused at once; RPCs already waiting get their answers from the still-running
+            # batchers (bounded by the drain timeout); then the batchers drain.
+            runtime.draining = True
+            if grpc_server is not None:
+                await grpc_server.stop(settings.drain_timeout_seconds)
             await runtime.stop()
 
     app = FastAPI(
@@ -174,8 +200,13 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None) -> F
     )
     app.state.runtime = runtime
     app.state.settings = settings
+    app.state.grpc_port = None
     add_exception_handlers(app)
     app.include_router(routes.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
+    if settings.api_keys:
+        # Inside the request-context middleware, so refusals still get a request id and are counted.
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app

@@ -8,7 +8,7 @@ in one process (tests) and nothing is created at import time.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 #: Request latency buckets (seconds): fine below 100 ms, where the SLO lives, then coarse up to a minute.
@@ -29,8 +29,11 @@ BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(0, 13))
 #: Padded sequence length of a batch (tokens), powers of two.
 BATCH_SEQUENCE_LENGTH_BUCKETS = tuple(float(2**i) for i in range(2, 12))
 
-#: The only values of gateway_requests_rejected_total's ``reason`` label.
+#: The only values of gateway_requests_rejected_total's ``reason`` label: queue_full = refused at admission (429),
+#: deadline = expired in the queue (504), client_disconnect = cancelled by the client, shutdown = failed by a drain.
 REJECT_REASONS = ("queue_full", "deadline", "client_disconnect", "shutdown")
+#: ``variant`` label of request-level series for routes that serve no variant (/metrics, probes, unknown variant).
+NO_VARIANT = "none"
 
 
 class GatewayMetrics:
@@ -45,13 +48,16 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, version: str, git_sha: str) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        # ``variant`` is set by the classify route once the variant is known to be served (bounded), else "none";
+        # it lets P99 be computed per precision variant from the _bucket series (the autoscaler's SLO guard).
         self.requests_total = Counter(
-            "gateway_requests", "HTTP requests answered, by route template and status code.", ["route", "code"],
-            registry=r,
+            "gateway_requests", "HTTP requests answered, by route template, variant and status code.",
+            ["route", "variant", "code"], registry=r,
         )  # fmt: skip
         self.request_duration_seconds = Histogram(
-            "gateway_request_duration_seconds", "Time from request arrival to response start, by route template.",
-            ["route"], buckets=REQUEST_DURATION_BUCKETS_SECONDS, registry=r,
+            "gateway_request_duration_seconds",
+            "Time from request arrival to response start, by route template and variant.",
+            ["route", "variant"], buckets=REQUEST_DURATION_BUCKETS_SECONDS, registry=r,
         )  # fmt: skip
         self.queue_wait_seconds = Histogram(
             "gateway_queue_wait_seconds", "Time a text waited in the variant queue before its batch was formed.",
@@ -92,6 +98,25 @@ class GatewayMetrics:
             ["version", "git_sha"], registry=r,
         )  # fmt: skip
         self.build_info.labels(version=version, git_sha=git_sha).set(1)
+        # Resource gauges, set by service.gateway.sampler.ResourceSampler in a background thread.
+        self.process_cpu_utilization_ratio = Gauge(
+            "gateway_process_cpu_utilization_ratio",
+            "CPU time of the gateway process per wall-clock second over the last sampling interval (1 = one core).",
+            registry=r,
+        )  # fmt: skip
+        self.host_cpu_utilization_ratio = Gauge(
+            "gateway_host_cpu_utilization_ratio",
+            "Busy fraction of all CPUs the gateway's kernel reports (/proc/stat) over the last sampling interval.",
+            registry=r,
+        )  # fmt: skip
+        # GPU gauges are registered by the first GPU sample (set_gpu), so without a GPU not even their HELP/TYPE
+        # lines appear: "no GPU" must never look like "idle GPU".
+        self.gpu_utilization_ratio: Gauge | None = None
+        self.gpu_memory_used_bytes: Gauge | None = None
+        self.gpu_memory_total_bytes: Gauge | None = None
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...: the standard names every
+        # Prometheus user knows, read from /proc at scrape time (cheap). Absent off Linux.
+        ProcessCollector(registry=r)
         # Pre-create the bounded label values so the series exist (at 0) before the first event.
         for reason in REJECT_REASONS:
             self.requests_rejected_total.labels(reason=reason)
@@ -108,6 +133,48 @@ class GatewayMetrics:
         self.batch_size.labels(variant=variant)
         self.queue_wait_seconds.labels(variant=variant)
         self.backend_request_duration_seconds.labels(model=model)
+
+    def set_cpu(self, process_ratio: float | None, host_ratio: float | None) -> None:
+        """Record a CPU sample; None (no previous sample yet, or no /proc) leaves the gauge unchanged.
+
+        Args:
+            process_ratio: Gateway process CPU seconds per second.
+            host_ratio: Busy fraction of all host CPUs.
+        """
+        if process_ratio is not None:
+            self.process_cpu_utilization_ratio.set(process_ratio)
+        if host_ratio is not None:
+            self.host_cpu_utilization_ratio.set(host_ratio)
+
+    def set_gpu(self, index: str, utilization_ratio: float, used_bytes: float, total_bytes: float) -> None:
+        """Record one GPU's NVML sample (called only when a GPU exists, so the series are absent otherwise).
+
+        The first call registers the GPU gauges.
+
+        Args:
+            index: NVML device index (the ``gpu`` label).
+            utilization_ratio: 0..1.
+            used_bytes: Memory in use.
+            total_bytes: Memory size.
+        """
+        if self.gpu_utilization_ratio is None or self.gpu_memory_used_bytes is None or self.gpu_memory_total_bytes is None:
+            r = self.registry
+            self.gpu_utilization_ratio = Gauge(
+                "gateway_gpu_utilization_ratio",
+                "Fraction of the last NVML sample period in which a kernel ran on the GPU. Absent without a GPU.",
+                ["gpu"], registry=r,
+            )  # fmt: skip
+            self.gpu_memory_used_bytes = Gauge(
+                "gateway_gpu_memory_used_bytes", "GPU device memory in use (NVML). Absent without a GPU.", ["gpu"],
+                registry=r,
+            )  # fmt: skip
+            self.gpu_memory_total_bytes = Gauge(
+                "gateway_gpu_memory_total_bytes", "GPU device memory size (NVML). Absent without a GPU.", ["gpu"],
+                registry=r,
+            )  # fmt: skip
+        self.gpu_utilization_ratio.labels(gpu=index).set(utilization_ratio)
+        self.gpu_memory_used_bytes.labels(gpu=index).set(used_bytes)
+        self.gpu_memory_total_bytes.labels(gpu=index).set(total_bytes)
 
     def render(self) -> tuple[bytes, str]:
         """Return the text exposition of every metric and its content type."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from service.gateway.backend.base import InferenceBackend
 from service.gateway.batching.batcher import DynamicBatcher
 from service.gateway.batching.policy import BatchLimits
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.repository import BatchEncoder, VariantModel, load_variant_model
+from service.gateway.sampler import ResourceSampler
 from service.gateway.settings import Settings
 
 logger = logging.getLogger("service.gateway")
@@ -38,8 +40,32 @@ class GatewayRuntime:
         self.models: dict[str, VariantModel] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
         self.server_max_batch_sizes: dict[str, int | None] = {}
-        self.draining = False
+        self._draining = False
+        self._drain_listeners: list[Callable[[], None]] = []
         self.started = False
+        self.sampler = ResourceSampler(metrics, settings.resource_sample_interval_seconds)
+
+    @property
+    def draining(self) -> bool:
+        """Whether the gateway refuses new work (SIGTERM received or stopping); readiness is false meanwhile."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        was, self._draining = self._draining, value
+        if value and not was:
+            for listener in list(self._drain_listeners):
+                listener()
+
+    def add_drain_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` once draining starts (e.g. the gRPC health service turns NOT_SERVING).
+
+        It may be called from a signal handler, so it must only hand work to the event loop thread-safely.
+
+        Args:
+            listener: A callable without arguments.
+        """
+        self._drain_listeners.append(listener)
 
     async def start(self) -> None:
         """Load the repository files, wait for the backend, check limits, start one batcher per variant.
@@ -93,6 +119,7 @@ class GatewayRuntime:
             )
         for b in self.batchers.values():
             await b.start()
+        self.sampler.start()
         self.started = True
         logger.info("gateway ready: variants %s, backend models %s", list(self.models), wanted)
 
@@ -101,6 +128,7 @@ class GatewayRuntime:
         self.draining = True
         await asyncio.gather(*(b.stop(self.settings.drain_timeout_seconds) for b in self.batchers.values()))
         await self.backend.aclose()
+        self.sampler.stop()
         self.started = False
 
     async def readiness(self) -> tuple[bool, str]:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
@@ -92,6 +92,17 @@ class TritonSettings(BaseModel):
     startup_timeout_seconds: float = Field(120.0, gt=0.0, le=3600.0)
     """How long start-up waits for Triton and its models to become ready (embedded or external)."""
 
+    reconnect_backoff_max_seconds: float = Field(1.0, gt=0.0, le=120.0)
+    """Longest gRPC reconnect backoff towards Triton. gRPC's default grows to 120 s, which would keep the gateway
+    failing for minutes after a restarted Triton is back; 1 s bounds the recovery delay."""
+
+    restart_embedded: bool = True
+    """With --embedded-triton: restart tritonserver (same ports) when it exits unexpectedly. In Kubernetes the
+    kubelet restarts the Triton container instead."""
+
+    restart_backoff_max_seconds: float = Field(10.0, gt=0.0, le=600.0)
+    """With --embedded-triton: the longest pause between restart attempts (it doubles from 0.5 s per failure)."""
+
     @field_validator("grpc_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
@@ -115,6 +126,15 @@ class Settings(BaseSettings):
 
     port: int = Field(8000, ge=0, le=65535)
     """HTTP port (0 picks a free one)."""
+
+    grpc_port: int = Field(9001, ge=-1, le=65535)
+    """Port of the Open Inference Protocol (v2) gRPC server, bound on ``host``; 0 picks a free one, -1 turns gRPC
+    off. Not Triton's 8001: the gateway and Triton share a pod."""
+
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    """API keys (comma-separated, each at least 16 characters). Empty (the default) turns authentication off.
+    When set, every route except health, readiness and /metrics needs ``Authorization: Bearer <key>`` or
+    ``x-api-key: <key>`` (gRPC: the same metadata); a missing key gives 401, a wrong one 403."""
 
     variants: Annotated[tuple[str, ...], NoDecode] = ("int8", "fp16")
     """Precision variants served (comma-separated in the environment). Each is the Triton model
@@ -149,6 +169,10 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of the gateway and uvicorn."""
 
+    resource_sample_interval_seconds: float = Field(5.0, gt=0.0, le=3600.0)
+    """How often a background thread samples CPU utilization and, when NVML sees a GPU, GPU utilization and
+    memory into the gateway_*_cpu_* and gateway_gpu_* gauges (never on the request path)."""
+
     build_git_sha: str = Field("unknown", max_length=64)
     """Git commit of this build, exported in gateway_build_info (set by the image build)."""
 
@@ -157,6 +181,23 @@ class Settings(BaseSettings):
 
     triton: TritonSettings = Field(default_factory=TritonSettings)
     """Triton connection and model repository (GATEWAY_TRITON__*)."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for i, key in enumerate(value):
+            text = key.get_secret_value()
+            # Never echo a key in the message, only its position.
+            if len(text) < 16 or not text.isprintable() or any(c.isspace() or c == "," for c in text):
+                raise ValueError(f"api key #{i + 1} must be at least 16 printable characters without spaces or commas")
+        return value
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -188,6 +229,8 @@ class Settings(BaseSettings):
                 f"max_client_batch_size ({self.max_client_batch_size}) > batch.max_queue_size "
                 f"({self.batch.max_queue_size}): such a request could never be admitted"
             )
+        if self.grpc_port > 0 and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port ({self.grpc_port}) equals port ({self.port}); they need different ports")
         return self
 
     def model_name(self, variant: str) -> str:

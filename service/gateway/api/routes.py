@@ -127,6 +127,7 @@ async def classify(
     batcher = runtime.batchers.get(variant)
     if batcher is None:
         raise InvalidInput(f"unknown variant {variant!r}; served variants: {', '.join(runtime.batchers)}")
+    request.state.variant = variant  # read by the metrics middleware: bounded, a served variant
     budget = settings.request_timeout_seconds
     for client_ms in (body.deadline_ms, x_deadline_ms):
         if client_ms is not None:

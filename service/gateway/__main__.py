@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="bind address (GATEWAY_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port, 0 for a free one (GATEWAY_PORT; default 8000)")
+    parser.add_argument("--grpc-port", type=int,
+                        help="v2 gRPC port, 0 for a free one, -1 for none (GATEWAY_GRPC_PORT; default 9001)")
     parser.add_argument(
         "--model-repository", type=Path,
         help="model repository with tokenizer.json/labels.json per version (GATEWAY_TRITON__MODEL_REPOSITORY)",
@@ -113,11 +115,13 @@ class DrainingServer(uvicorn.Server):
             self._on_ready(f"http://{host}:{port}")
 
 
-def _print_ready(settings: Settings, url: str) -> None:
+def _print_ready(settings: Settings, url: str, grpc_port: int | None) -> None:
     example = json.dumps({"text": "What is the capital of France?", "variant": settings.default_variant})
-    print(f"gateway ready at {url} (docs: {url}/docs)\n"
-          f"  curl -s -X POST {url}/v1/classify -H 'content-type: application/json' -d '{example}'",
-          flush=True)  # fmt: skip
+    lines = [f"gateway ready at {url} (docs: {url}/docs)",
+             f"  curl -s -X POST {url}/v1/classify -H 'content-type: application/json' -d '{example}'"]  # fmt: skip
+    if grpc_port is not None:
+        lines.append(f"gateway gRPC (v2 GRPCInferenceService, health) at {settings.host}:{grpc_port}")
+    print("\n".join(lines), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {}
-    for key in ("host", "port", "log_level"):
+    for key in ("host", "port", "grpc_port", "log_level"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     try:
@@ -146,10 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    triton = None
+    supervisor = None
     if args.embedded_triton:
         # Imported only here: the gateway image may run without the embedded server's package.
-        from service.triton.launcher import TritonLaunchConfig, TritonServer, TritonStartError
+        from service.gateway.supervisor import TritonSupervisor
+        from service.triton.launcher import TritonLaunchConfig, TritonStartError
 
         cfg = TritonLaunchConfig(
             model_repository=settings.triton.model_repository,
@@ -157,8 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_path=args.triton_log,
             startup_timeout_seconds=settings.triton.startup_timeout_seconds,
         )
+        supervisor = TritonSupervisor(cfg, max_backoff_seconds=settings.triton.restart_backoff_max_seconds,
+                                      restart=settings.triton.restart_embedded)  # fmt: skip
         try:
-            triton = TritonServer(cfg).start()
+            triton = supervisor.start()
         except TritonStartError as exc:
             print(f"embedded Triton failed to start: {exc}", file=sys.stderr)
             return 1
@@ -167,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             update={"triton": settings.triton.model_copy(update={"grpc_url": triton.grpc_url})}
         )
     try:
-        app = create_app(settings)
+        app = create_app(settings, serve_grpc=True)
         config = uvicorn.Config(
             app,
             host=settings.host,
@@ -177,12 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_seconds)),
         )
         server = DrainingServer(config, app.state.runtime, settings.drain_grace_seconds,
-                                on_ready=lambda url: _print_ready(settings, url))  # fmt: skip
+                                on_ready=lambda url: _print_ready(settings, url, app.state.grpc_port))  # fmt: skip
         server.run()
         return 0 if server.started else 1
     finally:
-        if triton is not None:
-            triton.stop()
+        if supervisor is not None:
+            supervisor.stop()  # after the gateway drained; no restart can race it
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -90,13 +91,76 @@ class Internal(ServiceError):
     error_type = "internal"
 
 
+class ModelNotFound(ServiceError):
+    """The Open Inference Protocol names a model (or version) the gateway does not serve."""
+
+    status = 404
+    error_type = "not_found"
+
+
+class Unauthenticated(ServiceError):
+    """API keys are configured and the request carries none."""
+
+    status = 401
+    error_type = "unauthenticated"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="loraserve"'})
+
+
+class PermissionDenied(ServiceError):
+    """API keys are configured and the request's key is not one of them."""
+
+    status = 403
+    error_type = "forbidden"
+
+
 #: The one table of documented statuses: error class -> (status, error_type). Tests walk it.
 ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     cls: (cls.status, cls.error_type)
     for cls in (InvalidInput, PayloadTooLarge, Overloaded, DeadlineExceeded, BackendUnavailable, BackendError, Internal)
 }
 
+#: Errors that only some routes raise (the v2 protocol's unknown model, the optional API-key check); kept apart from
+#: ERROR_TABLE, which lists what the classify path can answer.
+EXTRA_ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
+    cls: (cls.status, cls.error_type) for cls in (ModelNotFound, Unauthenticated, PermissionDenied)
+}
+
+#: The gRPC status of each gateway error (the v2 GRPCInferenceService and the docs use this one table).
+#: PayloadTooLarge is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the request will never fit, so clients that retry
+#: on RESOURCE_EXHAUSTED (our overload signal) must not retry it.
+GRPC_STATUS_TABLE: dict[type[ServiceError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    PayloadTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    BackendError: grpc.StatusCode.INTERNAL,
+    Internal: grpc.StatusCode.INTERNAL,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
 GENERIC_INTERNAL_MESSAGE = "internal server error"
+
+
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception to the gRPC status and message a client may see.
+
+    Args:
+        exc: A gateway error, or anything else (a bug).
+
+    Returns:
+        ``(code, message)``; exceptions outside the hierarchy and ``Internal`` give INTERNAL with the generic
+        message, so no exception text leaks.
+    """
+    if isinstance(exc, ServiceError) and not isinstance(exc, Internal):
+        for cls in type(exc).__mro__:
+            if cls in GRPC_STATUS_TABLE:
+                return GRPC_STATUS_TABLE[cls], exc.message
+    return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE
 
 
 def error_body(message: str, error_type: str) -> dict[str, str]:
@@ -140,6 +204,8 @@ def _format_validation_errors(errors: list[dict[str, Any]]) -> str:
 _HTTP_ERROR_TYPES = {
     400: "invalid_input",
     404: "not_found",
+    401: Unauthenticated.error_type,
+    403: PermissionDenied.error_type,
     405: "method_not_allowed",
     413: PayloadTooLarge.error_type,
     422: InvalidInput.error_type,

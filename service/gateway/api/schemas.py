@@ -6,7 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-NonEmptyText = Annotated[str, Field(min_length=1)]
+# At least one non-whitespace character: a blank text has nothing to classify (422, like an empty one).
+NonEmptyText = Annotated[str, Field(min_length=1, pattern=r"\S")]
 
 
 class ClassifyRequest(BaseModel):

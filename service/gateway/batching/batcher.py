@@ -269,8 +269,16 @@ class DynamicBatcher:
             self._tokenize_time.observe(time.perf_counter() - t0)
             self._seq_len.observe(input_ids.shape[1])
             t1 = time.perf_counter()
+            # Nobody waits for this batch after its latest deadline: end the call then (cancelling a gRPC call
+            # cancels it at Triton too), so a stalled backend frees the in-flight slot instead of holding it for the
+            # whole client_timeout while the queue behind it only expires.
+            left = max(e.deadline for e in batch) - time.monotonic()
             try:
-                out = await self._backend.infer(model.model_name, model.version, input_ids, attention_mask)
+                out = await asyncio.wait_for(
+                    self._backend.infer(model.model_name, model.version, input_ids, attention_mask), max(0.0, left)
+                )
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("deadline passed while the inference server was computing") from None
             finally:
                 self._backend_time.observe(time.perf_counter() - t1)
             if out.logits.ndim != 2 or out.logits.shape[0] != len(batch) or out.logits.shape[1] != len(model.labels):

@@ -1,0 +1,325 @@
+"""The Open Inference Protocol (v2) over gRPC: ``inference.GRPCInferenceService`` in the gateway process.
+
+Messages and the service stub come from the definitions tritonclient ships (``tritonclient.grpc.service_pb2``,
+``service_pb2_grpc``, ``model_config_pb2``), so any v2 gRPC client (tritonclient, KServe's) works unchanged.
+``ModelInfer`` feeds the same per-variant batcher as the REST routes; the gRPC deadline of the call, Triton's
+``timeout`` parameter (microseconds) and ``GATEWAY_REQUEST_TIMEOUT_SECONDS`` bound the wait, the shortest wins.
+
+Also served: the standard ``grpc.health.v1.Health`` service (Kubernetes gRPC probes; SERVING exactly when /readyz
+is 200, so NOT_SERVING while draining or while Triton is down) and server reflection (so grpcurl works without
+.proto files). Implemented RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
+ModelInfer; the others answer UNIMPLEMENTED.
+
+Errors use :data:`service.gateway.errors.GRPC_STATUS_TABLE`; anything unexpected is INTERNAL with the generic
+message and a logged traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from service import __version__
+from service.gateway.api import inference, tensors
+from service.gateway.api.auth import GrpcApiKeyInterceptor
+from service.gateway.api.v2 import EXTENSIONS, SERVER_NAME, model_metadata
+from service.gateway.errors import InvalidInput, Overloaded, ServiceError, grpc_status
+from service.gateway.runtime import GatewayRuntime
+
+logger = logging.getLogger("service.gateway.grpc")
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+#: Room above max_body_bytes for the protobuf framing of a request carrying that many bytes of text.
+_MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+R = TypeVar("R")
+
+
+def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """Wrap an RPC: map errors to gRPC statuses without leaking text, and count it in the request metrics."""
+    route = f"/{SERVICE_NAME}/{method.__name__}"
+
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        variant: list[str] = []
+        try:
+            return await method(self, request, context, variant)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the client cancelled or its deadline passed; nobody is listening
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status; bugs are logged below
+            if not isinstance(exc, ServiceError):
+                logger.exception("unhandled error in %s", route)
+            code, message = grpc_status(exc)
+            if isinstance(exc, Overloaded):
+                context.set_trailing_metadata((("retry-after", str(exc.retry_after_seconds)),))
+            await context.abort(code, message)
+            raise AssertionError("unreachable")  # abort raises  # pragma: no cover
+        finally:
+            self.record(route, variant[0] if variant else None, code, time.perf_counter() - started)
+
+    return wrapper
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """v2 ``GRPCInferenceService`` for the text classifier, on the gateway's runtime.
+
+    Args:
+        runtime: The started gateway runtime (batchers, models, settings).
+    """
+
+    def __init__(self, runtime: GatewayRuntime) -> None:
+        self.runtime = runtime
+
+    def record(self, route: str, variant: str | None, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one RPC in gateway_requests_total / gateway_request_duration_seconds (code = gRPC status name)."""
+        m = self.runtime.metrics
+        labels = {"route": route}
+        # The request metrics may carry a variant label; gRPC fills it like REST does ("none" outside inference).
+        if "variant" in getattr(m.requests_total, "_labelnames", ()):
+            labels["variant"] = variant or "none"
+        m.requests_total.labels(**labels, code=code.name).inc()
+        m.request_duration_seconds.labels(**labels).observe(seconds)
+
+    @_rpc
+    async def ServerLive(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802 - gRPC names
+        """Live while the process runs."""
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @_rpc
+    async def ServerReady(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802
+        """Ready exactly when /readyz is 200."""
+        ready, _ = await self.runtime.readiness()
+        return service_pb2.ServerReadyResponse(ready=ready)
+
+    @_rpc
+    async def ModelReady(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802
+        """Ready when the model's batcher runs, Triton is ready and the gateway is not draining."""
+        fixed = inference.resolve_model(self.runtime, request.name, request.version)
+        rt = self.runtime
+        batchers = [rt.batchers[fixed]] if fixed is not None else list(rt.batchers.values())
+        ready = (not rt.draining and rt.started and all(b.running for b in batchers) and await rt.backend.ready())
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    @_rpc
+    async def ServerMetadata(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802
+        """Name, version and extensions."""
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    @_rpc
+    async def ModelMetadata(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802
+        """The 'text' input and the 'probabilities' and 'labels' outputs."""
+        fixed = inference.resolve_model(self.runtime, request.name, request.version)
+        meta = model_metadata(self.runtime, request.name, fixed)
+        tm = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
+            outputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]],
+        )  # fmt: skip
+
+    @_rpc
+    async def ModelConfig(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802
+        """A Triton ModelConfig: max_batch_size is the texts one request may carry; labels in a parameter."""
+        fixed = inference.resolve_model(self.runtime, request.name, request.version)
+        rt = self.runtime
+        labels = list(rt.models[fixed or rt.settings.default_variant].labels)
+        cfg = model_config_pb2.ModelConfig(
+            name=request.name,
+            platform=tensors.PLATFORM,
+            max_batch_size=rt.settings.max_client_batch_size,
+            input=[model_config_pb2.ModelInput(name=tensors.INPUT_NAME, data_type=model_config_pb2.TYPE_STRING,
+                                               dims=[-1])],
+            output=[
+                model_config_pb2.ModelOutput(name=tensors.PROBABILITIES, data_type=model_config_pb2.TYPE_FP32,
+                                             dims=[-1, len(labels)]),
+                model_config_pb2.ModelOutput(name=tensors.LABELS, data_type=model_config_pb2.TYPE_STRING, dims=[-1]),
+            ],
+        )  # fmt: skip
+        cfg.parameters["labels"].string_value = json.dumps(labels)
+        return service_pb2.ModelConfigResponse(config=cfg)
+
+    @_rpc
+    async def ModelInfer(  # noqa: N802
+        self, request: Any, context: grpc.aio.ServicerContext, variant: list[str]
+    ) -> Any:
+        """Classify the texts of the 'text' input; one row of each output per text."""
+        arrived = time.monotonic()
+        rt = self.runtime
+        fixed = inference.resolve_model(rt, request.model_name, request.model_version)
+        if len(request.inputs) != 1:
+            raise InvalidInput(f"the model takes exactly one input ({tensors.INPUT_NAME!r}), got {len(request.inputs)}")
+        tensor = request.inputs[0]
+        limit = rt.settings.max_client_batch_size
+        count = tensors.check_input_header(tensor.name, tensor.datatype, list(tensor.shape))
+        if count > limit:
+            inference.raise_too_many(count, limit)
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise InvalidInput("raw_input_contents must hold exactly one entry, for the 'text' input")
+            items = tensors.decode_bytes_tensor(request.raw_input_contents[0], max_items=limit)
+        else:
+            items = list(tensor.contents.bytes_contents)
+        texts = tensors.texts_from_bytes(items)
+        if len(texts) != count:
+            raise InvalidInput(f"input {tensors.INPUT_NAME!r} has {len(texts)} elements but its shape says {count}")
+        params = request.parameters
+        requested = None
+        if "variant" in params:
+            if params["variant"].WhichOneof("parameter_choice") != "string_param":
+                raise InvalidInput("parameter 'variant' must be a string")
+            requested = params["variant"].string_param
+        timeout = None
+        if "timeout" in params:
+            choice = params["timeout"].WhichOneof("parameter_choice")
+            raw = getattr(params["timeout"], choice) if choice in ("int64_param", "uint64_param") else None
+            timeout = tensors.timeout_seconds(raw if raw is not None else "not an integer")
+        wanted = tensors.check_outputs([o.name for o in request.outputs] or None)
+        inference.check_texts(rt, texts)
+        batcher = inference.resolve_variant(rt, inference.pick_variant(rt, fixed, requested))
+        variant.append(batcher.model.variant)
+        deadline = inference.deadline_from(rt, arrived, timeout, context.time_remaining())
+        done = await inference.classify(rt, batcher, texts, deadline)
+
+        response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=done.model_version,
+                                                   id=request.id)  # fmt: skip
+        response.parameters["variant"].string_param = done.variant
+        response.parameters["model"].string_param = done.model
+        for name in wanted:
+            out = response.outputs.add(name=name)
+            if name == tensors.PROBABILITIES:
+                matrix = tensors.probabilities_matrix(done.labels, [r.probabilities for r in done.results])
+                out.datatype, out.shape[:] = "FP32", list(matrix.shape)
+                response.raw_output_contents.append(matrix.astype("<f4").tobytes())
+            else:
+                labels = [r.label.encode() for r in done.results]
+                out.datatype, out.shape[:] = "BYTES", [len(labels)]
+                response.raw_output_contents.append(tensors.encode_bytes_tensor(labels))
+        context.set_trailing_metadata((
+            ("x-queue-time", str(round(max(r.queue_seconds for r in done.results) * 1000))),
+            ("x-inference-time", str(round(max(r.inference_seconds for r in done.results) * 1000))),
+        ))  # fmt: skip
+        return response
+
+
+class GatewayHealth(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health`` backed by the gateway's readiness.
+
+    ``Check`` computes the status on every call (SERVING when /readyz would answer 200), so a Kubernetes gRPC probe
+    sees Triton outages and draining without any polling here. ``Watch`` sends the current status, then
+    NOT_SERVING once draining begins. Known services: "" (the whole server) and ``inference.GRPCInferenceService``.
+
+    Args:
+        runtime: The gateway runtime.
+    """
+
+    SERVICES = ("", SERVICE_NAME)
+
+    def __init__(self, runtime: GatewayRuntime) -> None:
+        self.runtime = runtime
+        self._drained = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # The drain flag may be set from a signal handler: hand the event over through the loop, thread-safely.
+        runtime.add_drain_listener(lambda: loop.call_soon_threadsafe(self._drained.set))
+
+    async def _status(self, service: str) -> int:
+        if service not in self.SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        ready, _ = await self.runtime.readiness()
+        return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """The current status; NOT_FOUND for an unknown service (as the protocol asks)."""
+        status = await self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+        """Stream the status now and the change to NOT_SERVING when draining starts; ends when the client does."""
+        status = await self._status(request.service)
+        yield health_pb2.HealthCheckResponse(status=status)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            return
+        if not self.runtime.draining:
+            await self._drained.wait()
+        if status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+class GrpcServer:
+    """The gateway's gRPC server: v2 inference, health and reflection, bound on ``host:port``.
+
+    Args:
+        runtime: The started gateway runtime.
+        host: Bind address.
+        port: Port; 0 picks a free one.
+    """
+
+    def __init__(self, runtime: GatewayRuntime, host: str, port: int) -> None:
+        self.runtime = runtime
+        self.host = host
+        self.requested_port = port
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving.
+
+        Returns:
+            The bound port.
+
+        Raises:
+            RuntimeError: The address cannot be bound (e.g. the port is taken).
+        """
+        s = self.runtime.settings
+        interceptors = [GrpcApiKeyInterceptor(s.api_keys, exempt_services=(HEALTH_SERVICE_NAME,))] if s.api_keys else []
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                # The same body limit as REST; grpc itself answers RESOURCE_EXHAUSTED above it.
+                ("grpc.max_receive_message_length", s.max_body_bytes + _MESSAGE_OVERHEAD_BYTES),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                # Without this, a second gateway could bind the same port and silently share its traffic.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.runtime), server)
+        health_pb2_grpc.add_HealthServicer_to_server(GatewayHealth(self.runtime), server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{self.host}:{self.requested_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind the gRPC server to {address}: {exc}") from None
+        if port == 0:
+            raise RuntimeError(f"cannot bind the gRPC server to {address}")
+        await server.start()
+        self._server, self.port = server, port
+        logger.info("gRPC (v2 GRPCInferenceService, health, reflection) listening on %s:%d", self.host, port)
+        return port
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Refuse new RPCs at once and give the running ones up to ``grace_seconds`` to finish.
+
+        Args:
+            grace_seconds: Longest wait for RPCs in progress (they are answered by the still-running batchers).
+        """
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(grace_seconds)

@@ -2,6 +2,7 @@
 
 Contenders, each started as its own process on 127.0.0.1 and measured alone:
   gateway       python -m service.gateway -> Triton (classifier_int8), dynamic batching in the gateway
+  gateway-grpc  the same gateway driven over its v2 gRPC endpoint (tritonclient.grpc.aio, texts as BYTES)
   triton        Triton direct over async gRPC; the client tokenizes, Triton's ragged dynamic batcher batches
   naive         FastAPI running the same INT8 model.onnx in process with ONNX Runtime, one request at a time
   transformers  FastAPI + a transformers text-classification pipeline (torch FP32), one request at a time
@@ -273,6 +274,21 @@ def triton_sender(grpc_url: str, version_dir: Path):
     return send, client.close
 
 
+def gateway_grpc_sender(grpc_url: str):
+    import numpy as np
+    import tritonclient.grpc.aio as grpcaio
+
+    client = grpcaio.InferenceServerClient(grpc_url)
+
+    async def send(q: str) -> bool:
+        tensor = grpcaio.InferInput("text", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([q.encode()], dtype=object))
+        res = await client.infer("classifier_int8", [tensor], client_timeout=60)
+        return res.as_numpy("labels") is not None
+
+    return send, client.close
+
+
 def gateway_batch_counts(url: str) -> tuple[float, float]:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -359,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     p.add_argument("--duration-seconds", type=float, default=15.0)
     p.add_argument("--warmup-seconds", type=float, default=2.0)
-    p.add_argument("--contenders", default="gateway,triton,naive,transformers")
+    p.add_argument("--contenders", default="gateway,gateway-grpc,triton,naive,transformers")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     p.add_argument("--serve", choices=["naive", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = set(contenders) - {"gateway", "triton", "naive", "transformers"}
+    unknown = set(contenders) - {"gateway", "gateway-grpc", "triton", "naive", "transformers"}
     if unknown:
         p.error(f"unknown contenders {sorted(unknown)}")
     vdir = args.model_repository / "classifier_int8" / "1"
@@ -389,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     triton = None
     try:
-        if {"gateway", "triton"} & set(contenders):
+        if {"gateway", "gateway-grpc", "triton"} & set(contenders):
             from service.triton.launcher import TritonLaunchConfig, TritonServer
 
             triton = TritonServer(TritonLaunchConfig(model_repository=args.model_repository,
@@ -400,15 +416,21 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}"
             proc = None
             try:
-                if name == "gateway":
+                if name in ("gateway", "gateway-grpc"):
                     assert triton is not None
+                    grpc_port = free_port() if name == "gateway-grpc" else -1
                     proc = Proc([sys.executable, "-m", "service.gateway", "--log-level", "warning"],
                                 {"GATEWAY_PORT": str(port), "GATEWAY_VARIANTS": "int8",
+                                 "GATEWAY_GRPC_PORT": str(grpc_port),
                                  "GATEWAY_TRITON__GRPC_URL": triton.grpc_url,
                                  "GATEWAY_TRITON__MODEL_REPOSITORY": str(args.model_repository)},
-                                logs / "gateway.log")  # fmt: skip
+                                logs / f"{name}.log")  # fmt: skip
                     proc.wait_http(f"{url}/readyz", 120)
-                    results += run_levels(name, lambda c, u=url: http_sender(u, c), args.levels, args,
+                    if name == "gateway":
+                        make = lambda c, u=url: http_sender(u, c)  # noqa: E731
+                    else:
+                        make = lambda c, g=f"127.0.0.1:{grpc_port}": gateway_grpc_sender(g)  # noqa: E731
+                    results += run_levels(name, make, args.levels, args,
                                           counts=lambda u=url: gateway_batch_counts(u))  # fmt: skip
                 elif name == "triton":
                     assert triton is not None

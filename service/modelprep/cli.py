@@ -64,6 +64,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha; updates scale by alpha/r (default 32)")
     g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapter input (default 0.1)")
     g.add_argument("--lora-targets", default="query,key,value", help="comma-separated module names to adapt")
+    g.add_argument("--train-pooler", action="store_true",
+                   help="lora: also train the [CLS] pooler layer fully (peft modules_to_save)")
     g.add_argument("--freeze-layers", type=int, default=None,
                    help="freeze this many lower encoder layers (layered; with lora: adapters only above them)")
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default 6)")
@@ -145,7 +147,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
     kw = dict(
         base_model=a.base_model, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_targets=tuple(x.strip() for x in a.lora_targets.split(",") if x.strip()),
-        max_steps=a.max_steps, batch_size=a.batch_size, max_length=a.max_length, seed=a.seed,
+        max_steps=a.max_steps, batch_size=a.batch_size, train_pooler=a.train_pooler, max_length=a.max_length, seed=a.seed,
     )
     if a.epochs is not None:
         kw["epochs"] = a.epochs

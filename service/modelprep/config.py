@@ -121,6 +121,8 @@ class TrainConfig:
         lora_alpha: scaling numerator; the update is scaled by alpha / r.
         lora_dropout: dropout on the adapter input.
         lora_targets: module names that get adapters (the attention projections by default).
+        train_pooler: with ``lora``: also train the pooler (a 384x384 dense layer on [CLS]) fully, as peft's
+            ``modules_to_save``; the pretrained sentence-embedding model never trained its pooler for classification.
         freeze_layers: with ``layered`` (or with ``lora`` to combine both): the number of lower encoder layers that are
             frozen (and get no adapters). 0 = none. Must be below the model's layer count.
         layered_tune: with ``layered``: ``"attention"`` tunes only the attention blocks of the unfrozen layers (the
@@ -143,6 +145,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("query", "key", "value")
+    train_pooler: bool = False
     freeze_layers: int = 0
     layered_tune: str = "attention"
     epochs: int = 6

@@ -90,6 +90,7 @@ def prepare_model(cfg: TrainConfig, model) -> Any:
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_targets),
         layers_to_transform=layers,
+        modules_to_save=["pooler"] if cfg.train_pooler else None,
         bias="none",
     )
     try:

@@ -1,0 +1,99 @@
+"""Compression mechanics on the tiny build: shapes shrink, parity where expected, sparsity, search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.modelprep.config import DataConfig
+from service.modelprep.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["What is the capital of Peru ?", "Who wrote Hamlet ?", "How far is the moon ?", "What does NASA mean ?"]
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    from service.modelprep.data import load_dataset
+
+    return load_dataset(DataConfig(max_train_samples=96))
+
+
+def test_ffn_pruning_keeping_everything_is_exact(tiny_build, small_data):
+    from service.modelprep.compress import ffn_neuron_scores, prune_ffn
+    from service.modelprep.export import load_merged
+    from service.modelprep.finetune import predict_logits
+
+    model, tok = load_merged(tiny_build.workdir / "merged")
+    ref = predict_logits(model, tok, TEXTS, 32)
+    scores = ffn_neuron_scores(model, tok, small_data.train.texts, 32, batches=2)
+    assert len(scores) == model.config.num_hidden_layers and scores[0].shape == (1536,)
+    prune_ffn(model, 1536, scores)  # keeping every neuron only reorders nothing: identical outputs
+    assert np.abs(predict_logits(model, tok, TEXTS, 32) - ref).max() < 1e-5
+
+
+def test_structured_pruning_shrinks_and_exports(tiny_build, small_data, tmp_path):
+    from service.modelprep.compress import PruneConfig, structured_prune
+    from service.modelprep.config import ExportConfig
+    from service.modelprep.export import export_onnx, load_merged
+
+    out = structured_prune(PruneConfig(ffn_keep_fraction=0.25, score_batches=2, recovery_epochs=0),
+                           tiny_build.workdir / "merged", small_data, tmp_path / "pruned", progress=False)
+    model, _ = load_merged(out)
+    assert model.config.intermediate_size == 384
+    assert model.base_model.encoder.layer[0].intermediate.dense.weight.shape == (384, 384)
+    meta = json.loads((out / "merge.json").read_text())
+    assert 0.2 < meta["removed_fraction"] < 0.4
+    onnx_path = export_onnx(ExportConfig(), out, tmp_path / "pruned.onnx", TEXTS)
+    full = (tiny_build.workdir / "onnx" / "fp32.onnx").stat().st_size
+    assert onnx_path.stat().st_size < 0.8 * full
+
+
+def test_distilled_student_keeps_chosen_layers(tiny_build, small_data, tmp_path):
+    from service.modelprep.compress import DistillConfig, distill
+    from service.modelprep.export import load_merged
+
+    out = distill(DistillConfig(student_layers=(0, 3), epochs=1, max_steps=3), tiny_build.workdir / "merged",
+                  small_data, tmp_path / "student", progress=False)
+    student, _ = load_merged(out)
+    teacher, _ = load_merged(tiny_build.workdir / "merged")
+    assert student.config.num_hidden_layers == 2 and len(student.base_model.encoder.layer) == 2
+    meta = json.loads((out / "merge.json").read_text())
+    assert meta["parameters"][1] < meta["parameters"][0]
+    assert meta["history"] and "validation_accuracy" in meta["history"][0]
+    # embeddings are taken from the teacher (then fine-tuned), not re-initialized: still strongly correlated
+    a = teacher.base_model.embeddings.word_embeddings.weight.detach().numpy().ravel()
+    b = student.base_model.embeddings.word_embeddings.weight.detach().numpy().ravel()
+    assert np.corrcoef(a, b)[0, 1] > 0.99
+
+
+def test_magnitude_pruning_reaches_the_target_sparsity(tiny_build, small_data, tmp_path):
+    from service.modelprep.compress import MagnitudePruneConfig, magnitude_prune, sparsity_of
+    from service.modelprep.export import load_merged
+
+    out = magnitude_prune(MagnitudePruneConfig(target_sparsity=0.4, steps=2, recovery_steps_per_round=2),
+                          tiny_build.workdir / "merged", small_data, tmp_path / "sparse", progress=False)
+    model, _ = load_merged(out)
+    assert sparsity_of(model) == pytest.approx(0.4, abs=0.01)
+    meta = json.loads((out / "merge.json").read_text())
+    assert [r["round"] for r in meta["rounds"]] == [1, 2]
+    assert meta["rounds"][0]["target"] < meta["rounds"][1]["target"]
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda c: c.PruneConfig(ffn_keep_fraction=0.0), "ffn_keep_fraction"),
+        (lambda c: c.DistillConfig(student_layers=(2, 1)), "student_layers"),
+        (lambda c: c.DistillConfig(alpha=2.0), "alpha"),
+        (lambda c: c.MagnitudePruneConfig(target_sparsity=1.0), "target_sparsity"),
+    ],
+)
+def test_compression_config_validation(make, field):
+    from service.modelprep import compress
+
+    with pytest.raises(ConfigError, match=field):
+        make(compress)

@@ -222,10 +222,15 @@ def test_container_ports_match_gateway_settings(rendered, values, monkeypatch):
     for key in [k for k in list(__import__("os").environ) if k.startswith("GATEWAY_")]:
         monkeypatch.delenv(key)
     for e in gw["env"]:
-        monkeypatch.setenv(e["name"], e["value"])
+        if "valueFrom" in e:  # a Secret reference: stand in a valid key to check the rest of the configuration
+            assert e["valueFrom"]["secretKeyRef"]["name"]
+            monkeypatch.setenv(e["name"], "k" * 32)
+        else:
+            monkeypatch.setenv(e["name"], e["value"])
     settings = Settings()  # the rendered environment is a valid gateway configuration
     ports = {p["name"]: p["containerPort"] for p in gw["ports"] + tr["ports"]}
     assert settings.port == ports["http"]
+    assert settings.grpc_port == ports["grpc"]
     assert settings.host == "0.0.0.0"
     host, grpc_port = settings.triton.grpc_url.split(":")
     assert host == "127.0.0.1" and int(grpc_port) == ports["triton-grpc"]
@@ -288,7 +293,7 @@ def test_values_schema_rejects_bad_values(helm, bad):
 
 def test_chart_readme_maps_every_gateway_value_to_its_env_var(rendered):
     readme = (CHART / "README.md").read_text()
-    env = [e["name"] for e in containers(rendered["default"])["gateway"]["env"] if e["name"].startswith("GATEWAY_")]
+    env = [e["name"] for e in containers(rendered["secure"])["gateway"]["env"] if e["name"].startswith("GATEWAY_")]
     for name in env + ["GATEWAY_TRITON__MODEL_VERSION"]:
         assert name in readme, f"{name} missing from the chart README"
     values = yaml.safe_load((CHART / "values.yaml").read_text())

@@ -84,6 +84,11 @@ def _add_variant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--int8-symmetric-activations", action="store_true",
                    help="static mode: symmetric INT8 activations instead of asymmetric UINT8")
     g.add_argument("--calibration-samples", type=int, default=256, help="static mode: calibration texts")
+    g.add_argument("--compress", action="store_true",
+                   help="also build pruned, distilled (3 of 6 layers) and distilled+pruned(+INT8) variants and add "
+                        "them to the report (adds a few minutes)")
+    g.add_argument("--publish-compressed", action="store_true",
+                   help="with --compress: publish distilled+pruned INT8 as classifier_small_int8")
     g.add_argument("--no-report-variants", action="store_true",
                    help="skip the extra INT8 recipes that are measured for the report only")
 
@@ -125,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     _add_train_args(t)
     t.add_argument("--output", type=Path, required=True, help="output directory")
+
+    sr = sub.add_parser("search", help="try fine-tuning recipes (freezing, LoRA rank/targets) under a time budget",
+                        description="Train each candidate recipe for an equal share of the budget and rank them on "
+                                    "validation accuracy; prints the best recipe and every candidate's cost.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_data_args(sr)
+    sr.add_argument("--budget-seconds", type=float, default=600.0, help="total training time for all candidates")
+    sr.add_argument("--epochs", type=int, default=3, help="epochs per candidate (the time share may stop it first)")
+    sr.add_argument("--output", type=Path, default=Path("artifacts/search.json"), help="where the ranking goes")
 
     d = sub.add_parser("data", help="load and split the data, print sizes and class counts (validates your file)")
     _add_data_args(d)
@@ -182,6 +196,10 @@ def build_config(a: argparse.Namespace) -> BuildConfig:
         activation_symmetric=a.int8_symmetric_activations, calibration_samples=a.calibration_samples,
     )
     kw = {}
+    if a.compress or a.publish_compressed:
+        from .config import CompressConfig
+
+        kw["compress"] = CompressConfig(publish=a.publish_compressed)
     if a.no_report_variants:
         kw["report_variants"] = ()
     return BuildConfig(
@@ -221,6 +239,19 @@ def main(argv: list[str] | None = None) -> int:
                 "best_validation_accuracy": res.best_validation_accuracy,
                 "epoch_seconds": res.epoch_seconds,
             }, indent=2))
+            return 0
+        if args.command == "search":
+            from .data import load_dataset
+            from .search import SearchConfig, default_candidates, search_recipes
+
+            data = load_dataset(data_config(args))
+            cands = default_candidates(TrainConfig(epochs=args.epochs, seed=args.seed))
+            res = search_recipes(SearchConfig(budget_seconds=args.budget_seconds, candidates=cands), data,
+                                 args.output)
+            for r in res["candidates"]:
+                print(f"  {r['validation_accuracy']:.4f}  {r['seconds']:6.0f} s  "
+                      f"{100 * r['trainable_fraction']:5.2f}% trainable  {r['recipe']}")
+            print(f"best: {res['best']['recipe']} (written to {args.output})")
             return 0
         if args.command == "evaluate":
             md = args.workdir / "report" / "report.md"

@@ -12,7 +12,6 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,102 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import _check, config_to_dict
+from .config import DistillConfig, MagnitudePruneConfig, PruneConfig, config_to_dict  # noqa: F401 (re-exported)
 from .data import Dataset
 from .errors import PrepError
 from .export import load_merged
 from .finetune import _encode, _length_grouped_batches, predict_logits
-
-
-@dataclass
-class PruneConfig:
-    """Structured pruning of the feed-forward (FFN) neurons of every encoder layer.
-
-    Attributes:
-        ffn_keep_fraction: share of the intermediate neurons kept in every layer (the same count per layer, so the
-            result is a standard, smaller dense BERT: ``intermediate_size`` shrinks).
-        score_batches: training batches used to score neuron importance (mean |activation| x outgoing weight norm).
-        recovery_epochs: fine-tuning epochs after pruning (distilling from the unpruned model) to win accuracy back.
-        learning_rate: recovery learning rate.
-        temperature: distillation temperature of the recovery.
-        alpha: weight of the distillation loss against the label loss in the recovery.
-        batch_size: recovery batch size.
-        seed: seed of batch order.
-    """
-
-    ffn_keep_fraction: float = 0.5
-    score_batches: int = 16
-    recovery_epochs: int = 2
-    learning_rate: float = 1e-4
-    temperature: float = 2.0
-    alpha: float = 0.5
-    batch_size: int = 32
-    seed: int = 13
-
-    def __post_init__(self) -> None:
-        _check(0.05 <= self.ffn_keep_fraction <= 1.0,
-               f"ffn_keep_fraction must be in [0.05, 1], got {self.ffn_keep_fraction}")
-        _check(self.recovery_epochs >= 0, f"recovery_epochs must be >= 0, got {self.recovery_epochs}")
-        _check(self.score_batches >= 1, f"score_batches must be >= 1, got {self.score_batches}")
-
-
-@dataclass
-class DistillConfig:
-    """Knowledge distillation from the fine-tuned model into a shallower student initialized from its layers.
-
-    Attributes:
-        student_layers: indices of the teacher's encoder layers that the student keeps (in order).
-        epochs: distillation epochs.
-        learning_rate: student learning rate (every weight is trained).
-        temperature: softening temperature T of the logits; the KL term is scaled by T^2.
-        alpha: weight of the soft (teacher) loss; 1 - alpha weighs the hard label loss.
-        batch_size: batch size.
-        max_steps: stop after this many steps (tiny budgets in tests).
-        seed: seed of batch order.
-    """
-
-    student_layers: tuple[int, ...] = (0, 2, 4)
-    epochs: int = 6
-    learning_rate: float = 1e-4
-    temperature: float = 2.0
-    alpha: float = 0.7
-    batch_size: int = 32
-    max_steps: int | None = None
-    seed: int = 13
-
-    def __post_init__(self) -> None:
-        self.student_layers = tuple(self.student_layers)
-        _check(len(self.student_layers) >= 1, "student_layers must keep at least one layer")
-        _check(list(self.student_layers) == sorted(set(self.student_layers)),
-               f"student_layers must be increasing and unique, got {self.student_layers}")
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-
-
-@dataclass
-class MagnitudePruneConfig:
-    """Unstructured, iterative global magnitude (L1) pruning of the encoder's Linear weights.
-
-    Attributes:
-        target_sparsity: share of encoder Linear weights set to zero at the end.
-        steps: pruning rounds; the sparsity grows along a cubic schedule (Zhu & Gupta, 2017) to the target.
-        recovery_steps_per_round: fine-tuning steps after each round (masks are re-applied after every step).
-        learning_rate: recovery learning rate.
-        batch_size: recovery batch size.
-        seed: seed of batch order.
-    """
-
-    target_sparsity: float = 0.5
-    steps: int = 4
-    recovery_steps_per_round: int = 40
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    seed: int = 13
-
-    def __post_init__(self) -> None:
-        _check(0.0 < self.target_sparsity < 1.0, f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
 
 
 def _save(model, tokenizer, out: Path, meta: dict, source_meta: dict) -> Path:

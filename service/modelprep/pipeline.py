@@ -161,9 +161,14 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
             q, fp32_path, d / "model.onnx", tokenizer=tokenizer, calibration_texts=calib, max_length=max_length))
         variant_paths[name if name == "int8" else q.tag] = dq / "model.onnx"
 
+    compressed_meta: dict[str, dict] = {}
+    if cfg.compress is not None:
+        compressed_meta = _build_compressed(cfg, stages, data, merged_dir, k_merge, parity_texts, tokenizer,
+                                            max_length, variant_paths, progress)
+
     # evaluation: cached too (throughput measurement takes minutes)
     k_eval = config_hash(k_export, k_fp16, [config_hash(k_export, q) for _, q in int8_recipes], cfg.evaluate,
-                         cfg.served_variants, cfg.compare_methods)
+                         cfg.served_variants, cfg.compare_methods, cfg.compress)
     report_holder: dict = {}
 
     def do_eval(d: Path) -> None:
@@ -183,6 +188,8 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
             row.served = name in cfg.served_variants
             if name == "int8":
                 row.note = f"served recipe: {cfg.int8.tag}"
+            elif name in compressed_meta:
+                row.note = compressed_meta[name].get("note", "")
             rows.append(row.to_dict())
         bar.close()
         methods = compare_methods(cfg, data, trained) if cfg.compare_methods else []
@@ -216,6 +223,7 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
         "evaluate": config_to_dict(cfg.evaluate),
         "variants": rows,
         "methods": methods,
+        "compression": compressed_meta,
     }
     report["targets"] = check_targets(report)
 
@@ -249,12 +257,75 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
                 "merge_parity_vs_adapter": merge_meta["max_abs_logit_diff_vs_adapter"],
             },
         )
+    if cfg.compress is not None and cfg.compress.publish and "distilled-pruned-int8" in variant_paths:
+        name = "small_int8"
+        vdir = publish_variant(
+            name, variant_paths["distilled-pruned-int8"], merged_dir / "tokenizer", data.label_names, max_length,
+            cfg.repository, cfg.model_version,
+            {"build_key": config_hash(k_eval, name), "config": config_to_dict(cfg), "data_hash": data.data_hash,
+             "metrics": by_name.get("distilled-pruned-int8"), "compression": compressed_meta.get("distilled-pruned")},
+        )
+        published[name] = vdir
     report["build_seconds"] = time.perf_counter() - t_start
     report["reused_stages"] = stages.reused
     report_dir = cfg.report_dir or (workdir / "report")
     report_path = write_report(report, report_dir)
     _say(f"report written to {report_dir}/report.md")
     return BuildResult(workdir, report_path, published, report, stages.reused)
+
+
+def _build_compressed(cfg: BuildConfig, stages: _Stages, data: Dataset, merged_dir: Path, k_merge: str,
+                      parity_texts: list[str], tokenizer, max_length: int, variant_paths: dict[str, Path],
+                      progress: bool) -> dict[str, dict]:
+    """Pruned, distilled, distilled+pruned (FP32 and INT8) and sparse variants; adds them to ``variant_paths``."""
+    from .compress import distill, magnitude_prune, structured_prune
+    from .export import export_onnx
+    from .quantize import quantize_int8
+
+    cc = cfg.compress
+    assert cc is not None
+    meta: dict[str, dict] = {}
+
+    def model_stage(name: str, key: str, make: Callable[[Path], Path]) -> Path:
+        def run(d: Path) -> None:
+            make(d / "hf")
+            export_onnx(cfg.export, d / "hf", d / "model.onnx", parity_texts)
+
+        _say(f"compression: {name}")
+        d = stages.run(f"compress/{name}", key, run)
+        m = json.loads((d / "hf" / "merge.json").read_text())
+        meta[name] = {k: v for k, v in m.items() if k not in ("labels",)}
+        variant_paths[name] = d / "model.onnx"
+        return d
+
+    def int8_stage(name: str, source: Path, key: str) -> None:
+        d = stages.run(f"compress/{name}", config_hash(key, cc.int8), lambda d: quantize_int8(
+            cc.int8, source, d / "model.onnx", tokenizer=tokenizer, calibration_texts=data.train.texts,
+            max_length=max_length))
+        variant_paths[name] = d / "model.onnx"
+
+    k_pruned = config_hash(k_merge, cc.prune)
+    model_stage("pruned", k_pruned, lambda out: structured_prune(cc.prune, merged_dir, data, out, progress=progress))
+    meta["pruned"]["note"] = (f"FFN neurons kept: {meta['pruned']['intermediate_size'][1]} of "
+                              f"{meta['pruned']['intermediate_size'][0]} per layer, "
+                              f"{100 * meta['pruned']['removed_fraction']:.0f}% of parameters removed")
+    k_dist = config_hash(k_merge, cc.distill)
+    dd = model_stage("distilled", k_dist, lambda out: distill(cc.distill, merged_dir, data, out, progress=progress))
+    meta["distilled"]["note"] = f"student keeps layers {list(cc.distill.student_layers)} of the teacher"
+    int8_stage("distilled-int8", dd / "model.onnx", k_dist)
+    k_dp = config_hash(k_dist, cc.prune_student)
+    dp = model_stage("distilled-pruned", k_dp,
+                     lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=progress))
+    meta["distilled-pruned"]["note"] = (
+        f"distilled student, then FFN {meta['distilled-pruned']['intermediate_size'][1]}/"
+        f"{meta['distilled-pruned']['intermediate_size'][0]} neurons")
+    int8_stage("distilled-pruned-int8", dp / "model.onnx", k_dp)
+    if cc.magnitude is not None:
+        model_stage("sparse", config_hash(k_merge, cc.magnitude),
+                    lambda out: magnitude_prune(cc.magnitude, merged_dir, data, out, progress=progress))
+        meta["sparse"]["note"] = (f"{100 * meta['sparse']['sparsity']:.0f}% of encoder weights are zero; dense "
+                                  "kernels gain no speed from it")
+    return meta
 
 
 def check_targets(report: dict) -> list[dict]:
@@ -282,4 +353,22 @@ def check_targets(report: dict) -> list[dict]:
     if "fp16" in rows:
         d = (rows["fp16"]["accuracy"] - fp32["accuracy"]) * 100
         out.append({"what": "FP16 within 0.1 points of FP32", "ok": abs(d) <= 0.1, "detail": f"{d:+.2f} points"})
+    tp = report["evaluate"]
+    compressed = [r for r in report["variants"] if r["name"] in report.get("compression", {})
+                  or r["name"].startswith("distilled")]
+    if compressed and "int8" in rows and tp["throughput"] and tp["batch_sizes"]:
+        b = str(max(tp["batch_sizes"]))
+        base = rows["int8"]["throughput"][b]
+        best = None
+        for r in compressed:
+            loss = (fp32["accuracy"] - r["accuracy"]) * 100
+            speed = r["throughput"][b] / base
+            if loss <= 1.5 and (best is None or speed > best[1]):
+                best = (r["name"], speed, loss)
+        out.append({
+            "what": f"a compressed variant >= 2x the full model's INT8 throughput (batch {b}) losing <= 1.5 points",
+            "ok": best is not None and best[1] >= 2.0,
+            "detail": "no compressed variant within 1.5 points" if best is None else
+                      f"{best[0]}: {best[1]:.2f}x INT8 throughput, {best[2]:+.2f} points lost vs FP32",
+        })
     return out

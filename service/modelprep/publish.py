@@ -53,9 +53,16 @@ def publish_variant(
     config = model_dir / "config.pbtxt"
     if not config.is_file():
         template = TEMPLATE_REPOSITORY / name / "config.pbtxt"
-        if not template.is_file():
-            raise PrepError(f"no Triton config for {name}: expected {template}")
-        shutil.copy(template, config)
+        if template.is_file():
+            shutil.copy(template, config)
+        else:
+            # a variant without a committed config (e.g. a compressed one) gets the INT8 config under its own name
+            base = TEMPLATE_REPOSITORY / model_name("int8") / "config.pbtxt"
+            if not base.is_file():
+                raise PrepError(f"no Triton config for {name}: expected {template} or {base}")
+            text = base.read_text().replace(f'name: "{model_name("int8")}"', f'name: "{name}"')
+            config.write_text(f"# Derived from {model_name('int8')}/config.pbtxt by service.modelprep.publish.\n"
+                              + text)
     if not BACKEND_MODEL.is_file():
         raise PrepError(f"missing the Triton python-backend model code {BACKEND_MODEL}")
     vdir = model_dir / str(version)

@@ -97,3 +97,19 @@ def test_compression_config_validation(make, field):
 
     with pytest.raises(ConfigError, match=field):
         make(compress)
+
+
+def test_recipe_search_returns_a_valid_recipe(small_data, tmp_path):
+    from service.modelprep.config import TrainConfig
+    from service.modelprep.search import SearchConfig, search_recipes
+
+    cands = (TrainConfig.lora(lora_r=4, max_steps=2, batch_size=8, max_length=16),
+             TrainConfig.layered(freeze_layers=4, max_steps=2, batch_size=8, max_length=16))
+    res = search_recipes(SearchConfig(budget_seconds=60, candidates=cands), small_data, tmp_path / "s.json",
+                         progress=False)
+    assert len(res["candidates"]) == 2
+    best = res["best"]
+    assert best["recipe"] in {"lora r=4 on query+key+value", "layered: freeze 4, tune upper attention"}
+    assert best["validation_accuracy"] == max(c["validation_accuracy"] for c in res["candidates"])
+    TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in best["config"].items()})  # round-trips
+    assert json.loads((tmp_path / "s.json").read_text())["best"]["recipe"] == best["recipe"]

@@ -233,6 +233,10 @@ def add_exception_handlers(app: FastAPI) -> None:
 
     async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (invalid UTF-8, JSON nested too deep): malformed input, which the
+            # gateway documents as 422 like any other malformed JSON.
+            return JSONResponse(error_body("request body is not valid JSON", InvalidInput.error_type), status_code=422)
         error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         return JSONResponse(

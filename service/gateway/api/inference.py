@@ -216,11 +216,16 @@ async def classify(
         ClientClosedRequest: ``disconnected`` completed first.
         ServiceError: Whatever the batch failed with.
     """
-    if runtime.draining:
-        raise BackendUnavailable("gateway is draining; retry on another instance")
-    if deadline <= time.monotonic():
-        raise DeadlineExceeded("deadline passed before the request was queued")
-    futures = batcher.submit(list(texts), deadline)
+    try:
+        if runtime.draining:
+            raise BackendUnavailable("gateway is draining; retry on another instance")
+        if deadline <= time.monotonic():
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        futures = batcher.submit(list(texts), deadline)
+    except BaseException:
+        if asyncio.iscoroutine(disconnected):
+            disconnected.close()  # never started: close it so Python does not warn about an unawaited coroutine
+        raise
     gathered = asyncio.gather(*futures)
     # Whatever ends the wait, the outcome is consumed, so asyncio never logs "exception was never retrieved".
     gathered.add_done_callback(lambda f: f.cancelled() or f.exception())

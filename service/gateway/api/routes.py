@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import APIRouter, Header, Request, Response
 
+from service.gateway.api import inference
 from service.gateway.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -17,14 +16,7 @@ from service.gateway.api.schemas import (
     ModelInfo,
     ModelsResponse,
 )
-from service.gateway.batching.batcher import TextResult
-from service.gateway.errors import (
-    BackendUnavailable,
-    DeadlineExceeded,
-    InvalidInput,
-    PayloadTooLarge,
-    ServiceError,
-)
+from service.gateway.errors import BackendUnavailable
 from service.gateway.runtime import GatewayRuntime
 
 router = APIRouter()
@@ -42,47 +34,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class ClientClosedRequest(ServiceError):
-    """The client disconnected while waiting; recorded as 499 (nginx's convention) and never seen by the client."""
-
-    status = 499
-    error_type = "client_closed_request"
-
-
 def get_runtime(request: Request) -> GatewayRuntime:
     """Return the application's runtime."""
     runtime: GatewayRuntime = request.app.state.runtime
     return runtime
-
-
-async def _wait_disconnect(receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-    # The body is already read, so the next ASGI message is http.disconnect: it arrives when the client goes away
-    # (or when the response is complete, by which time this task has been cancelled). No polling.
-    while True:
-        message = await receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
-async def _await_results(
-    futures: list[asyncio.Future[TextResult]], deadline: float, request: Request
-) -> list[TextResult]:
-    gathered = asyncio.gather(*futures)
-    disconnect = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        done, _ = await asyncio.wait(
-            {gathered, disconnect}, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-        )
-        if gathered in done:
-            return gathered.result()
-        if disconnect in done:
-            raise ClientClosedRequest("client disconnected")
-        raise DeadlineExceeded("deadline passed before the answer was ready")
-    finally:
-        disconnect.cancel()
-        if not gathered.done():
-            # Cancelling the futures tells the batcher to drop still-queued texts (counted by reason).
-            gathered.cancel()
 
 
 @router.post(
@@ -114,27 +69,17 @@ async def classify(
     """
     arrived = time.monotonic()
     runtime = get_runtime(request)
-    settings = runtime.settings
     if runtime.draining:
         raise BackendUnavailable("gateway is draining; retry on another instance")
     texts = [body.text] if body.text is not None else list(body.texts or [])
-    if len(texts) > settings.max_client_batch_size:
-        raise PayloadTooLarge(f"{len(texts)} texts in one request; the limit is {settings.max_client_batch_size}")
-    for i, t in enumerate(texts):
-        if len(t) > settings.max_text_chars:
-            raise PayloadTooLarge(f"text {i} has {len(t)} characters; the limit is {settings.max_text_chars}")
-    variant = body.variant or settings.default_variant
-    batcher = runtime.batchers.get(variant)
-    if batcher is None:
-        raise InvalidInput(f"unknown variant {variant!r}; served variants: {', '.join(runtime.batchers)}")
+    inference.check_texts(runtime, texts)
+    batcher = inference.resolve_variant(runtime, body.variant)
+    variant = batcher.model.variant
     request.state.variant = variant  # read by the metrics middleware: bounded, a served variant
-    budget = settings.request_timeout_seconds
-    for client_ms in (body.deadline_ms, x_deadline_ms):
-        if client_ms is not None:
-            budget = min(budget, client_ms / 1000.0)
-    deadline = arrived + budget
-    futures = batcher.submit(texts, deadline)
-    results = await _await_results(futures, deadline, request)
+    deadline = inference.deadline_from(runtime, arrived, *(None if ms is None else ms / 1000.0
+                                                           for ms in (body.deadline_ms, x_deadline_ms)))  # fmt: skip
+    done = await inference.classify(runtime, batcher, texts, deadline, inference.wait_disconnect(request.receive))
+    results = done.results
     response.headers["x-queue-time"] = str(round(max(r.queue_seconds for r in results) * 1000))
     response.headers["x-inference-time"] = str(round(max(r.inference_seconds for r in results) * 1000))
     return ClassifyResponse(

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         use_attribute_docstrings=True,
+        # Errors must not echo inputs: GATEWAY_API_KEYS is one of them. Our validators name the offending values
+        # themselves where that is safe.
+        hide_input_in_errors=True,
     )
 
     host: str = "127.0.0.1"

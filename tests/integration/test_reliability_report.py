@@ -105,8 +105,10 @@ def record(scenario: str, figures: dict[str, Any], path: Path | None = None) -> 
             data = json.loads(target.read_text())
         except json.JSONDecodeError:
             data = {}
-    data.setdefault("scenarios", {})[scenario] = {
-        **figures, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    # Merged, not replaced: two tests may contribute to one scenario (hostile input: real Triton and fuzzing).
+    entry = data.setdefault("scenarios", {}).setdefault(scenario, {})
+    entry.update(figures)
+    entry["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data["machine"] = machine()
     target.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     print(f"reliability figures [{scenario}]: {json.dumps(figures, sort_keys=True)}")

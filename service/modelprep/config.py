@@ -145,10 +145,10 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("query", "key", "value")
-    train_pooler: bool = False
+    train_pooler: bool = True
     freeze_layers: int = 0
     layered_tune: str = "attention"
-    epochs: int = 6
+    epochs: int = 8
     max_steps: int | None = None
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -183,7 +183,7 @@ class TrainConfig:
 
     @staticmethod
     def lora(**kw: Any) -> "TrainConfig":
-        """The reference recipe: LoRA r=16, alpha=32, dropout 0.1 on query/key/value."""
+        """The reference recipe: LoRA r=16, alpha=32, dropout 0.1 on query/key/value (+ the pooler, trained fully)."""
         return TrainConfig(method="lora", **kw)
 
     @staticmethod

@@ -38,18 +38,27 @@ class _Stages:
         self.workdir = workdir
         self.force = force
         self.reused: list[str] = []
+        #: seconds each stage took when it was (last) built, reused or not
+        self.seconds: dict[str, float] = {}
 
     def run(self, name: str, key: str, fn: Callable[[Path], None]) -> Path:
         d = self.workdir / name
         stamp = d / "stage.key"
         if not self.force and stamp.is_file() and stamp.read_text().strip() == key:
             self.reused.append(name)
+            try:
+                self.seconds[name] = float((d / "stage.seconds").read_text())
+            except (OSError, ValueError):
+                pass
             log.info("stage %s: up to date, reused", name)
             return d
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
+        t0 = time.perf_counter()
         fn(d)
+        self.seconds[name] = time.perf_counter() - t0
+        (d / "stage.seconds").write_text(f"{self.seconds[name]:.1f}")
         stamp.write_text(key)
         return d
 
@@ -268,6 +277,7 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
         published[name] = vdir
     report["build_seconds"] = time.perf_counter() - t_start
     report["reused_stages"] = stages.reused
+    report["stage_seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()}
     report_dir = cfg.report_dir or (workdir / "report")
     report_path = write_report(report, report_dir)
     _say(f"report written to {report_dir}/report.md")

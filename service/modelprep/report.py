@@ -113,6 +113,14 @@ def render_markdown(report: dict) -> str:
                 f"| {mm['method']} | {mm['trainable_parameters']:,} | {100 * mm['trainable_fraction']:.2f}% | "
                 f"{mm['epoch_seconds']:.0f} | {mm['how']} |"
             )
+    st = report.get("stage_seconds") or {}
+    if st:
+        reused = set(report.get("reused_stages") or [])
+        lines += ["", "## Build time per stage (seconds, when the stage was built)", "",
+                  "| stage | seconds | this run |", "|---|---|---|"]
+        for k, v in st.items():
+            lines.append(f"| {k} | {v:.0f} | {'reused' if k in reused else 'built'} |")
+        lines.append(f"| **sum** | **{sum(st.values()):.0f}** | |")
     tr = report["train"]
     lines += [
         "",

@@ -25,7 +25,7 @@ def default_candidates(base: TrainConfig) -> tuple[TrainConfig, ...]:
         TrainConfig.lora(lora_r=8, **common),
         TrainConfig.lora(lora_r=16, **common),
         TrainConfig.lora(lora_r=16, lora_targets=("query", "key", "value", "attention.output.dense"), **common),
-        TrainConfig.lora(lora_r=16, train_pooler=True, **common),
+        TrainConfig.lora(lora_r=16, train_pooler=False, **common),
         TrainConfig.lora(lora_r=16, freeze_layers=2, **common),
         TrainConfig.layered(freeze_layers=2, **common),
         TrainConfig.layered(freeze_layers=4, **common),
@@ -51,8 +51,7 @@ def describe(c: TrainConfig) -> str:
     """A one-line name of a recipe."""
     if c.method == "lora":
         s = f"lora r={c.lora_r} on {'+'.join(c.lora_targets)}"
-        if c.train_pooler:
-            s += " +pooler"
+        s += " +pooler" if c.train_pooler else " (pooler frozen)"
         if c.freeze_layers:
             s += f", layers >= {c.freeze_layers}"
         return s

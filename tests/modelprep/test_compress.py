@@ -109,7 +109,41 @@ def test_recipe_search_returns_a_valid_recipe(small_data, tmp_path):
                          progress=False)
     assert len(res["candidates"]) == 2
     best = res["best"]
-    assert best["recipe"] in {"lora r=4 on query+key+value", "layered: freeze 4, tune upper attention"}
+    assert best["recipe"] in {"lora r=4 on query+key+value +pooler", "layered: freeze 4, tune upper attention"}
     assert best["validation_accuracy"] == max(c["validation_accuracy"] for c in res["candidates"])
     TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in best["config"].items()})  # round-trips
     assert json.loads((tmp_path / "s.json").read_text())["best"]["recipe"] == best["recipe"]
+
+
+def test_build_with_compression_adds_report_rows_and_publishes(tiny_build, tmp_path):
+    import shutil
+
+    from service.modelprep.config import (
+        BuildConfig, CompressConfig, DistillConfig, MagnitudePruneConfig, PruneConfig,
+    )
+    from service.modelprep.pipeline import build
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_build.workdir, work)  # reuse the trained/merged/exported stages of the tiny build
+    cc = CompressConfig(
+        prune=PruneConfig(ffn_keep_fraction=0.5, score_batches=1, recovery_epochs=0),
+        distill=DistillConfig(student_layers=(0, 5), epochs=1, max_steps=2),
+        prune_student=PruneConfig(ffn_keep_fraction=0.5, score_batches=1, recovery_epochs=0),
+        magnitude=MagnitudePruneConfig(target_sparsity=0.3, steps=1, recovery_steps_per_round=1),
+        publish=True,
+    )
+    res = build(BuildConfig.tiny(work, tmp_path / "repo", compress=cc), progress=False)
+    assert {"train", "merged", "onnx"} <= set(res.reused)
+    names = [r["name"] for r in res.report["variants"]]
+    for n in ("pruned", "distilled", "distilled-int8", "distilled-pruned", "distilled-pruned-int8", "sparse"):
+        assert n in names, names
+    sizes = {r["name"]: r["size_bytes"] for r in res.report["variants"]}
+    assert sizes["distilled-pruned-int8"] < sizes["distilled-int8"] < sizes["distilled"] < sizes["fp32"]
+    assert res.report["compression"]["sparse"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+    small = res.published["small_int8"]
+    assert (small / "model.onnx").is_file()
+    cfg_text = (small.parent / "config.pbtxt").read_text()
+    assert 'name: "classifier_small_int8"' in cfg_text
+    from service.triton.model_config import load_model_config
+
+    load_model_config(small.parent / "config.pbtxt")

@@ -346,6 +346,9 @@ def plot(data: dict, out_dir: Path, stem: str) -> dict[str, str]:
         ax.axhline(data["ceiling"]["best_sequences_per_second"], color="grey", linestyle="--",
                    label=f"in-process ceiling (batch {data['ceiling']['best_batch_size']})")  # fmt: skip
     ax.set_xscale("log", base=2)
+    levels = sorted({r["concurrency"] for r in data["summary"]})
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.minorticks_off()
     ax.set_xlabel("concurrent clients (closed loop)")
     ax.set_ylabel("requests/s (median)")
     ax.set_title("Throughput vs concurrency" + title_suffix)

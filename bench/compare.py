@@ -196,7 +196,10 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
            "--max-length", str(meta["max_length"])]  # fmt: skip
     if name == "transformers":
         cmd += ["--hf-model-dir", str(args.hf_model_dir)]
-    proc = gb.Proc(cmd, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, logs / f"{name}.log")
+    # OMP_NUM_THREADS: without it, torch's OpenMP pool in the uvicorn process took ~500 ms per single-text forward
+    # here (15 ms with it), whatever torch.set_num_threads said; a fair peer gets the setting its docs recommend.
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = gb.Proc(cmd, env, logs / f"{name}.log")
     try:
         proc.wait_http(f"{url}/healthz", 180)
     except Exception:
@@ -386,7 +389,7 @@ def git_sha() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "service", "loadtest"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "service", "loadtest", ":!bench/results"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):

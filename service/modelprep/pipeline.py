@@ -118,7 +118,7 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
         A ``BuildResult``.
     """
     from .evaluate import evaluate_variant
-    from .export import export_onnx, onnx_logits, ort_session
+    from .export import export_onnx
     from .finetune import train
     from .merge import merge_adapter
     from .publish import model_name, publish_variant

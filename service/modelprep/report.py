@@ -3,49 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 
 def machine_description() -> dict[str, object]:
-    """CPU model, core count, memory and library versions: every figure is reported with its machine."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
+    """The machine (see service.machine) plus the versions of the libraries that produced the figures."""
+    from service.machine import describe_machine
+
     versions: dict[str, str] = {}
     for mod in ("torch", "transformers", "peft", "onnx", "onnxruntime"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 - a missing library is just not listed
             pass
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in text)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": mem_gib,
-        "cpu_flags": flags,
-        "gpu": None,
-        "python": platform.python_version(),
-        "libraries": versions,
-    }
+    return {**describe_machine(), "gpu": None, "libraries": versions}
 
 
 def _fmt_size(n: int) -> str:

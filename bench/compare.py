@@ -196,8 +196,8 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
            "--max-length", str(meta["max_length"])]  # fmt: skip
     if name == "transformers":
         cmd += ["--hf-model-dir", str(args.hf_model_dir)]
-    # OMP_NUM_THREADS: without it, torch's OpenMP pool in the uvicorn process took ~500 ms per single-text forward
-    # here (15 ms with it), whatever torch.set_num_threads said; a fair peer gets the setting its docs recommend.
+    # OMP_NUM_THREADS: torch's OpenMP pool sized to the cores, as torch's CPU tuning guide recommends. Open issue
+    # (docs/benchmarks.md): started from here this server still took ~500 ms per text, from a shell 15-60 ms.
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     proc = gb.Proc(cmd, env, logs / f"{name}.log")
     try:

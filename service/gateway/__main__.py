@@ -180,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
+            access_log=settings.access_log,
             lifespan="on",
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_seconds)),
         )

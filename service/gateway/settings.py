@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Log level of the gateway and uvicorn."""
 
+    access_log: bool = False
+    """Log one line per HTTP request (uvicorn's access log). Off by default: at hundreds of requests per second the
+    formatting and writing costs a measurable share of the event loop's CPU, and the metrics already count every
+    request by route and status code."""
+
     resource_sample_interval_seconds: float = Field(5.0, gt=0.0, le=3600.0)
     """How often a background thread samples CPU utilization and, when NVML sees a GPU, GPU utilization and
     memory into the gateway_*_cpu_* and gateway_gpu_* gauges (never on the request path)."""

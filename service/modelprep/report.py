@@ -119,7 +119,7 @@ def render_png(report: dict, path: Path) -> Path:
     names = [r["name"] for r in rows]
     bss = report["evaluate"]["batch_sizes"] if report["evaluate"]["throughput"] else []
     ncols = 2 if bss else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.8), squeeze=False)
     colors = ["#4C72B0" if not r["served"] else "#DD8452" for r in rows]
     ax = axes[0][0]
     accs = [100 * r["accuracy"] for r in rows]
@@ -130,7 +130,8 @@ def render_png(report: dict, path: Path) -> Path:
     ax.set_title("Accuracy per variant (orange = served)")
     for i, a in enumerate(accs):
         ax.text(i, a + 0.1, f"{a:.2f}", ha="center", fontsize=8)
-    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     if bss:
         ax = axes[0][1]
         width = 0.8 / len(bss)
@@ -138,7 +139,7 @@ def render_png(report: dict, path: Path) -> Path:
             vals = [r["throughput"].get(str(b), 0) for r in rows]
             ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(rows))], vals, width, label=f"batch {b}")
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(names, rotation=30, fontsize=8)
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("sequences / s (median)")
         ax.set_title(f"In-process throughput, {report['machine']['cores']} CPU cores")
         ax.legend(fontsize=8)

@@ -237,7 +237,33 @@ async def closed_loop(send, concurrency: int, warmup_seconds: float, duration_se
 
 
 def http_sender(url: str, concurrency: int, extra: dict | None = None):
-    """An async ``send(question) -> ok`` posting ``{"text": question, **extra}`` to ``url``/v1/classify."""
+    """An async ``send(question) -> ok`` posting ``{"text": question, **extra}`` to ``url``/v1/classify.
+
+    aiohttp is used when installed (the ``bench`` extra): the load generator shares the 2 cores with the servers,
+    and httpx's client costs several times more CPU per request, which starves the server it is measuring.
+    """
+    try:
+        import aiohttp
+    except ImportError:
+        aiohttp = None
+    if aiohttp is not None:
+        state: dict = {}
+
+        async def send(q: str) -> bool:
+            session = state.get("s")
+            if session is None:  # created inside the running loop
+                session = state["s"] = aiohttp.ClientSession(
+                    base_url=url, connector=aiohttp.TCPConnector(limit=concurrency),
+                    timeout=aiohttp.ClientTimeout(total=60))  # fmt: skip
+            async with session.post("/v1/classify", json={"text": q, **(extra or {})}) as r:
+                await r.read()
+                return r.status == 200
+
+        async def close() -> None:
+            if "s" in state:
+                await state["s"].close()
+
+        return send, close
     import httpx
 
     client = httpx.AsyncClient(base_url=url, timeout=60.0,

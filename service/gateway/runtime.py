@@ -116,6 +116,7 @@ class GatewayRuntime:
                 retry_after_seconds=s.retry_after_seconds,
                 metrics=self.metrics,
                 tokenize_in_thread=s.batch.tokenize_in_thread,
+                flush_when_idle=s.batch.flush_when_idle,
             )
         for b in self.batchers.values():
             await b.start()

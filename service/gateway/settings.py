@@ -27,7 +27,13 @@ class BatchSettings(BaseModel):
     """Most rows (texts) in one backend call. Must not exceed the Triton model's own max_batch_size."""
 
     max_wait_seconds: float = Field(0.005, ge=0.0, le=10.0)
-    """How long the oldest queued text may wait for companions before a partial batch is sent."""
+    """How long the oldest queued text may wait for companions before a partial batch is sent (only while another
+    batch of the variant is in flight, unless ``flush_when_idle`` is off)."""
+
+    flush_when_idle: bool = True
+    """Send at once, without waiting ``max_wait_seconds``, when no batch of the variant is in flight: an idle
+    backend gains nothing from the wait, so a lone request pays no batching delay; under load batches are in
+    flight and the wait gathers companions as usual."""
 
     max_queue_size: int = Field(512, ge=1, le=1_000_000)
     """Most texts waiting per variant; beyond it requests are refused with 429 and Retry-After."""

@@ -113,7 +113,7 @@ async def test_single_and_list_match_onnxruntime(triton_server, model_repository
 
 async def test_concurrent_requests_share_batches(triton_server, model_repository):
     settings = gateway_settings(model_repository, triton_server.grpc_url,
-                                batch={"max_batch_size": 32, "max_wait_seconds": 0.05})  # fmt: skip
+                                batch={"max_batch_size": 32, "max_wait_seconds": 0.05, "flush_when_idle": False})  # fmt: skip
     n = 24
     before = _triton_counts(triton_server.grpc_url, "classifier_int8")
     async with gateway_client(settings) as client:
@@ -133,7 +133,7 @@ async def test_concurrent_requests_share_batches(triton_server, model_repository
 
 async def test_mixed_lengths_are_grouped(triton_server, model_repository):
     settings = gateway_settings(model_repository, triton_server.grpc_url,
-                                batch={"max_batch_size": 32, "max_wait_seconds": 0.05,
+                                batch={"max_batch_size": 32, "max_wait_seconds": 0.05, "flush_when_idle": False,
                                        "length_bucket_edges": "16,32,64"})  # fmt: skip
     backend = RecordingTritonBackend(settings)
     texts = [QUESTIONS[0], LONG_QUESTIONS[0], QUESTIONS[1], LONG_QUESTIONS[1], QUESTIONS[2]]
@@ -147,7 +147,7 @@ async def test_mixed_lengths_are_grouped(triton_server, model_repository):
 
 
 async def test_504_when_the_deadline_is_too_short(triton_server, model_repository):
-    settings = gateway_settings(model_repository, triton_server.grpc_url, batch={"max_wait_seconds": 0.05})
+    settings = gateway_settings(model_repository, triton_server.grpc_url, batch={"max_wait_seconds": 0.05, "flush_when_idle": False})
     async with gateway_client(settings) as client:
         resp = await client.post("/v1/classify", json={"text": QUESTIONS[0], "deadline_ms": 1})
     assert resp.status_code == 504

@@ -33,7 +33,7 @@ def gateway(triton_server, model_repository, tmp_path_factory):
     """One gateway process (HTTP and gRPC on free ports) for this module; yields (http_url, grpc_url)."""
     env = {"GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
            "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository), "GATEWAY_GRPC_PORT": "0",
-           "GATEWAY_DRAIN_GRACE_SECONDS": "0", "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.3"}  # fmt: skip
+           "GATEWAY_DRAIN_GRACE_SECONDS": "0", "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.3", "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false"}  # fmt: skip
     gw = GatewayProcess([], env, tmp_path_factory.mktemp("gw-grpc") / "gateway.log")
     try:
         url = gw.wait_ready(90)

@@ -40,7 +40,7 @@ def shedding_gateway(triton_server, model_repository, tmp_path_factory) -> str:
            "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository), "GATEWAY_GRPC_PORT": "-1",
            "GATEWAY_DRAIN_GRACE_SECONDS": "0", "GATEWAY_MAX_CLIENT_BATCH_SIZE": "8",
            "GATEWAY_BATCH__MAX_QUEUE_SIZE": "8", "GATEWAY_BATCH__MAX_BATCH_SIZE": "8",
-           "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.2"}  # fmt: skip
+           "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.2", "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false"}  # fmt: skip
     gw = GatewayProcess([], env, tmp_path_factory.mktemp("gw-locust") / "gateway.log")
     try:
         yield gw.wait_ready(90)

@@ -198,7 +198,7 @@ def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repo
 
 
 def test_disconnected_clients_work_never_reaches_triton(triton_server, model_repository, tmp_path):
-    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_WAIT_SECONDS="2.0")
+    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_WAIT_SECONDS="2.0", GATEWAY_BATCH__FLUSH_WHEN_IDLE="false")
     n = 6
     try:
         url = gw.wait_ready(60)
@@ -241,7 +241,7 @@ def test_disconnected_clients_work_never_reaches_triton(triton_server, model_rep
 
 
 def test_sigterm_finishes_accepted_work_then_exits(triton_server, model_repository, tmp_path):
-    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_WAIT_SECONDS="0.5",
+    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_WAIT_SECONDS="0.5", GATEWAY_BATCH__FLUSH_WHEN_IDLE="false",
                   GATEWAY_DRAIN_GRACE_SECONDS="1.0")  # fmt: skip
     n_before, n_after = 10, 5
     try:

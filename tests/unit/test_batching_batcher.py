@@ -56,6 +56,7 @@ class Harness:
             max_inflight_batches=kw.pop("max_inflight_batches", 2),
             retry_after_seconds=3,
             metrics=self.metrics,
+            flush_when_idle=kw.pop("flush_when_idle", False),
         )
         assert not kw, kw
 
@@ -101,6 +102,21 @@ async def test_wait_flush_holds_a_partial_batch_until_max_wait(make):
     assert not done and h.backend.calls == []  # not flushed yet: 2 < 8 and the oldest waited < 0.5 s
     await asyncio.wait_for(asyncio.gather(*futures), 10)
     assert [c.rows for c in h.backend.calls] == [2]
+
+
+async def test_flush_when_idle_sends_a_lone_text_at_once_and_waits_while_busy(make):
+    backend = FakeBackend(len(LABELS))
+    gate = backend.hold()
+    h = await make(backend, max_batch_size=8, max_wait_seconds=5.0, flush_when_idle=True)
+    first = h.submit("alone on an idle backend")
+    await backend.wait_entered(1)  # sent without waiting 5 s for companions
+    # Now a batch is in flight: the next texts wait for companions (up to max_wait) instead of going one by one.
+    second = h.submit("second") + h.submit("third")
+    done, _ = await asyncio.wait(second, timeout=0.1)
+    assert not done and [c.rows for c in backend.calls] == [1]
+    gate.set()  # the first batch finishes: the backend is idle again, so the waiting texts go at once
+    await asyncio.wait_for(asyncio.gather(*first, *second), 2.0)
+    assert [c.rows for c in backend.calls] == [1, 2]
 
 
 async def test_a_request_of_many_texts_is_split_at_max_batch_size(make):

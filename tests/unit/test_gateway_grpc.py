@@ -237,7 +237,7 @@ async def test_deadline_exceeded_honours_the_client_deadline(repo):
 
 
 async def test_grpc_and_rest_share_batches(repo):
-    settings = make_settings(repo, batch={"max_batch_size": 16, "max_wait_seconds": 0.3})
+    settings = make_settings(repo, batch={"max_batch_size": 16, "max_wait_seconds": 0.3, "flush_when_idle": False})
     backend = FakeBackend(len(LABELS))
     async with serve(settings, backend) as (client, url, _app):
         rest = [client.post("/v1/classify", json={"text": f"rest question {i} ?"}) for i in range(4)]

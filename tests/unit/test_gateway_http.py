@@ -207,7 +207,7 @@ async def test_404_unknown_route_has_the_error_shape(repo):
 
 
 async def test_concurrent_requests_share_batches(repo):
-    settings = make_settings(repo, batch={"max_batch_size": 16, "max_wait_seconds": 0.2})
+    settings = make_settings(repo, batch={"max_batch_size": 16, "max_wait_seconds": 0.2, "flush_when_idle": False})
     backend = FakeBackend(len(LABELS))
     async with serve(settings, backend) as client:
         resps = await asyncio.gather(*(client.post("/v1/classify", json={"text": f"question {i} ?"}) for i in range(16)))

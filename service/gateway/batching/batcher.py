@@ -10,6 +10,7 @@ instance.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -76,6 +77,7 @@ class DynamicBatcher:
         retry_after_seconds: Retry-After of queue-full rejections.
         metrics: Metric objects.
         tokenize_in_thread: Tokenize batches in a worker thread instead of on the event loop.
+        flush_when_idle: Send at once when no batch is in flight (no wait for companions on an idle backend).
     """
 
     def __init__(
@@ -90,12 +92,16 @@ class DynamicBatcher:
         retry_after_seconds: int,
         metrics: GatewayMetrics,
         tokenize_in_thread: bool = True,
+        flush_when_idle: bool = False,
     ) -> None:
         if max_inflight_batches < 1:
             raise ValueError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
         self.model = model
         self.encoder = encoder
         self.limits = limits
+        self._flush_when_idle = flush_when_idle
+        # With nothing in flight the backend is idle and waiting for companions only adds latency.
+        self._idle_limits = dataclasses.replace(limits, max_wait_seconds=0.0)
         self._backend = backend
         self._metrics = metrics
         self._tokenize_in_thread = tokenize_in_thread
@@ -220,10 +226,15 @@ class DynamicBatcher:
 
     # ---------------------------------------------------------------- the loop
 
+    def _current_limits(self) -> BatchLimits:
+        if self._flush_when_idle and not self._batch_tasks:
+            return self._idle_limits
+        return self.limits
+
     async def _wait_until_due(self) -> None:
         while not self._draining:
             self._queue.clear_changed()
-            delay = flush_delay(self._queue.snapshot(), self.limits, time.monotonic())
+            delay = flush_delay(self._queue.snapshot(), self._current_limits(), time.monotonic())
             if delay is not None and delay <= 0:
                 return
             await self._queue.wait_changed(delay)
@@ -236,7 +247,7 @@ class DynamicBatcher:
                 return
             await self._slots.acquire()
             now = time.monotonic()
-            plan = take_batch(self._queue.snapshot(), self.limits, now)
+            plan = take_batch(self._queue.snapshot(), self._current_limits(), now)
             self._queue.replace(plan.rest)
             self._drop(plan.expired, plan.cancelled)
             if not plan.batch:
@@ -253,6 +264,8 @@ class DynamicBatcher:
         self._batch_tasks.discard(task)
         assert self._slots is not None
         self._slots.release()
+        if self._flush_when_idle and not self._batch_tasks:
+            self._queue.wake()  # the backend just went idle: texts waiting for companions can go now
 
     async def _process(self, batch: list[Entry]) -> None:
         model = self.model

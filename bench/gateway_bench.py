@@ -24,13 +24,11 @@ import asyncio
 import json
 import os
 import platform
-import re
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,25 +61,13 @@ def free_port() -> int:
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
-                break
-    except OSError:
-        pass
+    """The machine the figures come from (service.machine), plus what a benchmark also needs: usable cores and load."""
+    from service.machine import describe_machine
+
+    m = describe_machine()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": model, "cpu_cores": os.cpu_count(), "usable_cores": usable, "memory_gib": mem_gib,
-            "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu_model": m["cpu"], "cpu_cores": m["cores"], "usable_cores": usable, "memory_gib": m["memory_gib"],
+            "cpu_flags": m["cpu_flags"], "platform": platform.platform(), "python": m["python"],
             "load_average_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
 
 

@@ -34,6 +34,8 @@ BATCH_SEQUENCE_LENGTH_BUCKETS = tuple(float(2**i) for i in range(2, 12))
 REJECT_REASONS = ("queue_full", "deadline", "client_disconnect", "shutdown")
 #: ``variant`` label of request-level series for routes that serve no variant (/metrics, probes, unknown variant).
 NO_VARIANT = "none"
+# The route whose latency the recording rules, alerts and the HPA read per variant.
+CLASSIFY_ROUTE = "/v1/classify"
 
 
 class GatewayMetrics:
@@ -129,6 +131,10 @@ class GatewayMetrics:
             model: Its Triton model name.
         """
         self.queue_depth.labels(variant=variant).set(0)
+        # Without a zero sample before the first request, a variant whose first traffic falls inside one scrape
+        # interval has no rate() until its second burst: P99 would read "no data" for exactly the traffic we care
+        # about.
+        self.request_duration_seconds.labels(route=CLASSIFY_ROUTE, variant=variant)
         self.inflight_batches.labels(variant=variant).set(0)
         self.batch_size.labels(variant=variant)
         self.queue_wait_seconds.labels(variant=variant)

@@ -121,6 +121,17 @@ async def test_every_gateway_metric_follows_the_conventions(repo):  # noqa: F811
         assert "gateway_gpu_utilization_ratio" not in text
 
 
+async def test_classify_latency_series_exist_at_zero_for_every_variant_before_traffic(repo):  # noqa: F811
+    # A variant's first burst that fits inside one scrape interval must still give rate() two samples (0, then n):
+    # otherwise its P99 recording rule reads "no data" until the second burst.
+    async with serve(make_settings(repo)) as client:
+        text = (await client.get("/metrics")).text
+    fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_request_duration_seconds"]
+    counts = {s.labels["variant"]: s.value for s in fam.samples
+              if s.name.endswith("_count") and s.labels["route"] == "/v1/classify"}  # fmt: skip
+    assert counts == {"int8": 0.0, "fp16": 0.0}
+
+
 def test_request_duration_buckets_resolve_p99_between_5ms_and_2s():
     edges = [b for b in REQUEST_DURATION_BUCKETS_SECONDS if 0.005 <= b <= 2.5]
     assert edges[0] == 0.005 and edges[-1] >= 2.0

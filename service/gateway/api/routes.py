@@ -17,6 +17,7 @@ from service.gateway.api.schemas import (
     ModelsResponse,
 )
 from service.gateway.errors import BackendUnavailable
+from service.gateway.metrics import CLASSIFY_ROUTE
 from service.gateway.runtime import GatewayRuntime
 
 router = APIRouter()
@@ -41,7 +42,7 @@ def get_runtime(request: Request) -> GatewayRuntime:
 
 
 @router.post(
-    "/v1/classify",
+    CLASSIFY_ROUTE,
     response_model=ClassifyResponse,
     responses=_ERRORS,
     summary="Classify one or several texts",

@@ -135,6 +135,7 @@ class GatewayMetrics:
         # interval has no rate() until its second burst: P99 would read "no data" for exactly the traffic we care
         # about.
         self.request_duration_seconds.labels(route=CLASSIFY_ROUTE, variant=variant)
+        self.requests_total.labels(route=CLASSIFY_ROUTE, variant=variant, code="200")
         self.inflight_batches.labels(variant=variant).set(0)
         self.batch_size.labels(variant=variant)
         self.queue_wait_seconds.labels(variant=variant)

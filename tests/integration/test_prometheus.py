@@ -38,6 +38,8 @@ SCRAPE_INTERVAL = "1s"
 TRAFFIC_REQUESTS = 240
 TRAFFIC_MAX_SECONDS = 25.0
 CONCURRENCY = 8
+# Pause between one client's requests, so the traffic spans several scrape intervals, as real traffic does.
+CLIENT_PAUSE_SECONDS = 0.1
 QUESTIONS = [
     "What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?",
     "When did the Berlin wall fall?", "What does NASA stand for?", "Where is Mount Kilimanjaro?",
@@ -172,6 +174,7 @@ async def _traffic(url: str) -> dict[int, int]:
             variant = "int8" if i % 4 else "fp16"
             resp = await http.post("/v1/classify", json={"text": QUESTIONS[i % len(QUESTIONS)], "variant": variant})
             codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
+            await asyncio.sleep(CLIENT_PAUSE_SECONDS)
 
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
         await asyncio.gather(*(client(http) for _ in range(CONCURRENCY)))

@@ -130,6 +130,10 @@ async def test_classify_latency_series_exist_at_zero_for_every_variant_before_tr
     counts = {s.labels["variant"]: s.value for s in fam.samples
               if s.name.endswith("_count") and s.labels["route"] == "/v1/classify"}  # fmt: skip
     assert counts == {"int8": 0.0, "fp16": 0.0}
+    fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_requests"]
+    ok = {s.labels["variant"]: s.value for s in fam.samples
+          if s.name.endswith("_total") and s.labels["route"] == "/v1/classify" and s.labels["code"] == "200"}
+    assert ok == {"int8": 0.0, "fp16": 0.0}
 
 
 def test_request_duration_buckets_resolve_p99_between_5ms_and_2s():

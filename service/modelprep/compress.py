@@ -43,41 +43,93 @@ def _save(model, tokenizer, out: Path, meta: dict, source_meta: dict) -> Path:
     return out
 
 
-def _soft_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float):
+def _soft_loss(student_logits, teacher_logits, labels, has_label, temperature: float, alpha: float):
+    """alpha * KL(teacher || student) at temperature T (scaled by T^2) + (1 - alpha) * label cross-entropy.
+
+    Rows without a label (perturbed copies) take the distillation term for their whole weight.
+    """
     t = temperature
     kd = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1),
-                  reduction="batchmean") * (t * t)
-    ce = F.cross_entropy(student_logits, labels)
-    return alpha * kd + (1 - alpha) * ce
+                  reduction="none").sum(-1) * (t * t)
+    ce = F.cross_entropy(student_logits, labels, reduction="none")
+    return (alpha * kd + (1 - alpha) * torch.where(has_label, ce, kd)).mean()
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Pairs (student hidden state, teacher hidden state) matched by the hidden-state loss.
+
+    Index 0 is the embedding output; student layer j's output is matched with the teacher's output at the same
+    relative depth (uniform mapping, as in TinyBERT), so the last layers always meet.
+    """
+    return [(0, 0)] + [(j, round(j * teacher_layers / student_layers)) for j in range(1, student_layers + 1)]
+
+
+def _hidden_loss(student_hidden, teacher_hidden, attention_mask, pairs: list[tuple[int, int]]):
+    """Mean squared error between matched hidden states over the real (unpadded) tokens, summed over the pairs."""
+    mask = attention_mask.unsqueeze(-1).to(student_hidden[0].dtype)
+    denom = mask.sum() * student_hidden[0].shape[-1]
+    return sum((((student_hidden[i] - teacher_hidden[j]) ** 2) * mask).sum() / denom for i, j in pairs)
+
+
+def perturb(text: str, vocabulary: list[str], rng: random.Random, drop: float = 0.1, replace: float = 0.15) -> str:
+    """A perturbed copy of ``text`` for distillation: each word dropped with probability ``drop`` or replaced by a
+    random training word with probability ``replace``. The teacher labels it; the label of the original is not used.
+    """
+    out = []
+    for word in text.split():
+        r = rng.random()
+        if r < drop:
+            continue
+        out.append(rng.choice(vocabulary) if r < drop + replace else word)
+    return " ".join(out) or text
 
 
 def _distill_loop(student, teacher, tokenizer, data: Dataset, max_length: int, *, epochs: int, lr: float,
                   temperature: float, alpha: float, batch_size: int, seed: int, max_steps: int | None,
-                  desc: str, masks: dict | None = None, progress: bool = True) -> list[dict]:
-    """Train ``student`` on teacher logits + labels; keeps the best validation checkpoint."""
+                  desc: str, masks: dict | None = None, progress: bool = True, hidden_weight: float = 0.0,
+                  augment_copies: int = 0) -> list[dict]:
+    """Train ``student`` on teacher logits + labels; keeps the best validation checkpoint.
+
+    With ``hidden_weight`` > 0 the student's embedding and layer outputs are also pulled towards the teacher's
+    (``layer_map``); with ``augment_copies`` > 0 every epoch adds that many perturbed copies of each training text,
+    learnt from the teacher's logits only.
+    """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    steps_per_epoch = math.ceil(len(data.train) / batch_size)
+    n_rows = len(data.train) * (1 + augment_copies)
+    steps_per_epoch = math.ceil(n_rows / batch_size)
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     warm = max(1, int(0.06 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     teacher.eval()
-    lengths = [len(t) for t in data.train.texts]
+    pairs = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    want_hidden = hidden_weight > 0
+    vocabulary = sorted({w for t in data.train.texts for w in t.split()}) if augment_copies else []
     history, best, best_state, step = [], None, None, 0
     for epoch in range(epochs):
         student.train()
         t0 = time.perf_counter()
-        bar = tqdm(_length_grouped_batches(lengths, batch_size, rng), desc=f"{desc} {epoch + 1}/{epochs}",
-                   unit="batch", disable=not progress)
+        texts, labels = list(data.train.texts), list(data.train.labels)
+        for _ in range(augment_copies):
+            texts += [perturb(t, vocabulary, rng) for t in data.train.texts]
+            labels += [-1] * len(data.train)
+        bar = tqdm(_length_grouped_batches([len(t) for t in texts], batch_size, rng),
+                   desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", disable=not progress)
         for b in bar:
-            enc = _encode(tokenizer, [data.train.texts[i] for i in b], max_length)
-            labels = torch.tensor([data.train.labels[i] for i in b])
+            enc = _encode(tokenizer, [texts[i] for i in b], max_length)
+            y = torch.tensor([labels[i] for i in b])
+            has_label = y >= 0
             with torch.no_grad():
-                t_logits = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            s_logits = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            loss = _soft_loss(s_logits, t_logits, labels, temperature, alpha)
+                t_out = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                output_hidden_states=want_hidden)
+            s_out = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                            output_hidden_states=want_hidden)
+            loss = _soft_loss(s_out.logits, t_out.logits, y.clamp(min=0), has_label, temperature, alpha)
+            if want_hidden:
+                loss = loss + hidden_weight * _hidden_loss(s_out.hidden_states, t_out.hidden_states,
+                                                           enc["attention_mask"], pairs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
@@ -173,7 +225,7 @@ def structured_prune(cfg: PruneConfig, source_dir: Path, data: Dataset, output_d
         history = _distill_loop(student, teacher, tokenizer, data, max_length, epochs=cfg.recovery_epochs,
                                 lr=cfg.learning_rate, temperature=cfg.temperature, alpha=cfg.alpha,
                                 batch_size=cfg.batch_size, seed=cfg.seed, max_steps=None, desc="prune recovery",
-                                progress=progress)
+                                progress=progress, hidden_weight=cfg.hidden_weight)
     return _save(student, tokenizer, output_dir, {
         "compression": "structured_ffn_prune",
         "config": config_to_dict(cfg),
@@ -209,7 +261,8 @@ def distill(cfg: DistillConfig, teacher_dir: Path, data: Dataset, output_dir: Pa
     history = _distill_loop(student, teacher, tokenizer, data, max_length, epochs=cfg.epochs,
                             lr=cfg.learning_rate, temperature=cfg.temperature, alpha=cfg.alpha,
                             batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps, desc="distill",
-                            progress=progress)
+                            progress=progress, hidden_weight=cfg.hidden_weight,
+                            augment_copies=cfg.augment_copies)
     return _save(student, tokenizer, output_dir, {
         "compression": "distillation",
         "config": config_to_dict(cfg),

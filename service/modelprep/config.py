@@ -303,6 +303,8 @@ class PruneConfig:
         learning_rate: recovery learning rate.
         temperature: distillation temperature of the recovery.
         alpha: weight of the distillation loss against the label loss in the recovery.
+        hidden_weight: weight of the hidden-state loss in the recovery (the pruned model's embedding and layer outputs
+            pulled towards the unpruned model's; 0 = logits only).
         batch_size: recovery batch size.
         seed: seed of batch order.
     """
@@ -313,10 +315,12 @@ class PruneConfig:
     learning_rate: float = 1e-4
     temperature: float = 2.0
     alpha: float = 0.5
+    hidden_weight: float = 1.0
     batch_size: int = 32
     seed: int = 13
 
     def __post_init__(self) -> None:
+        _check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
         _check(0.05 <= self.ffn_keep_fraction <= 1.0,
                f"ffn_keep_fraction must be in [0.05, 1], got {self.ffn_keep_fraction}")
         _check(self.recovery_epochs >= 0, f"recovery_epochs must be >= 0, got {self.recovery_epochs}")
@@ -333,16 +337,23 @@ class DistillConfig:
         learning_rate: student learning rate (every weight is trained).
         temperature: softening temperature T of the logits; the KL term is scaled by T^2.
         alpha: weight of the soft (teacher) loss; 1 - alpha weighs the hard label loss.
+        hidden_weight: weight of the hidden-state loss: mean squared error between the student's embedding and
+            layer outputs and the teacher's at the same relative depth (TinyBERT's uniform mapping); 0 = logits only.
+        augment_copies: perturbed copies of every training text added each epoch (words dropped or swapped for
+            other training words), learnt from the teacher's logits alone: more of the teacher's function to copy
+            when labeled data is small.
         batch_size: batch size.
         max_steps: stop after this many steps (tiny budgets in tests).
         seed: seed of batch order.
     """
 
     student_layers: tuple[int, ...] = (0, 2, 4)
-    epochs: int = 6
-    learning_rate: float = 1e-4
+    epochs: int = 10
+    learning_rate: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.7
+    hidden_weight: float = 1.0
+    augment_copies: int = 1
     batch_size: int = 32
     max_steps: int | None = None
     seed: int = 13
@@ -355,6 +366,8 @@ class DistillConfig:
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        _check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
 
 
 @dataclass
@@ -397,7 +410,7 @@ class CompressConfig:
 
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    prune_student: PruneConfig = field(default_factory=lambda: PruneConfig(ffn_keep_fraction=0.5))
+    prune_student: PruneConfig = field(default_factory=lambda: PruneConfig(ffn_keep_fraction=0.75, recovery_epochs=3))
     magnitude: MagnitudePruneConfig | None = field(default_factory=MagnitudePruneConfig)
     int8: QuantizeConfig = field(default_factory=QuantizeConfig)
     publish: bool = False

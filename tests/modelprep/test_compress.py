@@ -70,6 +70,59 @@ def test_distilled_student_keeps_chosen_layers(tiny_build, small_data, tmp_path)
     assert np.corrcoef(a, b)[0, 1] > 0.99
 
 
+def test_layer_map_matches_relative_depth():
+    from service.modelprep.compress import layer_map
+
+    assert layer_map(3, 6) == [(0, 0), (1, 2), (2, 4), (3, 6)]
+    assert layer_map(6, 6) == [(i, i) for i in range(7)]
+    assert layer_map(4, 6)[-1] == (4, 6)  # the last layers always meet
+
+
+def test_perturbed_copies_are_seeded_and_made_of_training_words():
+    import random
+
+    from service.modelprep.compress import perturb
+
+    vocab = ["alpha", "beta", "gamma"]
+    text = "What is the capital of Peru ?"
+    a = [perturb(text, vocab, random.Random(1)) for _ in range(3)]
+    b = [perturb(text, vocab, random.Random(1)) for _ in range(3)]
+    assert a == b
+    copies = [perturb(text, vocab, random.Random(i)) for i in range(50)]
+    assert any(c != text for c in copies) and all(c for c in copies)
+    assert all(set(c.split()) <= set(text.split()) | set(vocab) for c in copies)
+    assert perturb("one", vocab, random.Random(0), drop=1.0, replace=0.0) == "one"  # never empty
+
+
+def test_hidden_state_loss_is_zero_for_a_full_copy_and_positive_for_a_student(tiny_build, small_data):
+    from service.modelprep.compress import _hidden_loss, layer_map, make_student
+    from service.modelprep.export import load_merged
+    from service.modelprep.finetune import _encode
+
+    teacher, tok = load_merged(tiny_build.workdir / "merged")
+    enc = _encode(tok, TEXTS, 32)
+
+    def hidden(model):
+        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                     output_hidden_states=True).hidden_states
+
+    t = hidden(teacher)
+    same = make_student(teacher, tuple(range(teacher.config.num_hidden_layers)))
+    assert float(_hidden_loss(hidden(same), t, enc["attention_mask"], layer_map(6, 6))) < 1e-10
+    small = make_student(teacher, (0, 2, 4))
+    assert float(_hidden_loss(hidden(small), t, enc["attention_mask"], layer_map(3, 6))) > 1e-3
+
+
+def test_distillation_with_hidden_states_and_perturbed_copies_trains(tiny_build, small_data, tmp_path):
+    from service.modelprep.compress import DistillConfig, distill
+
+    cfg = DistillConfig(student_layers=(0, 5), epochs=1, hidden_weight=1.0, augment_copies=1, batch_size=32)
+    out = distill(cfg, tiny_build.workdir / "merged", small_data, tmp_path / "student", progress=False)
+    meta = json.loads((out / "merge.json").read_text())
+    assert meta["config"]["hidden_weight"] == 1.0 and meta["config"]["augment_copies"] == 1
+    assert len(meta["history"]) == 1 and 0.0 <= meta["history"][0]["validation_accuracy"] <= 1.0
+
+
 def test_magnitude_pruning_reaches_the_target_sparsity(tiny_build, small_data, tmp_path):
     from service.modelprep.compress import MagnitudePruneConfig, magnitude_prune, sparsity_of
     from service.modelprep.export import load_merged
@@ -89,6 +142,9 @@ def test_magnitude_pruning_reaches_the_target_sparsity(tiny_build, small_data, t
         (lambda c: c.PruneConfig(ffn_keep_fraction=0.0), "ffn_keep_fraction"),
         (lambda c: c.DistillConfig(student_layers=(2, 1)), "student_layers"),
         (lambda c: c.DistillConfig(alpha=2.0), "alpha"),
+        (lambda c: c.DistillConfig(hidden_weight=-1.0), "hidden_weight"),
+        (lambda c: c.DistillConfig(augment_copies=-1), "augment_copies"),
+        (lambda c: c.PruneConfig(hidden_weight=-0.5), "hidden_weight"),
         (lambda c: c.MagnitudePruneConfig(target_sparsity=1.0), "target_sparsity"),
     ],
 )

@@ -104,6 +104,16 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="skip timing the other fine-tuning methods (trainable params, s/epoch)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help does not already explain the default and X means something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service.modelprep", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="train -> merge -> export -> variants -> evaluate -> publish (cached)",
                        description="Run or resume the whole pipeline and publish the served variants.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     _add_data_args(b)
     _add_train_args(b)
     _add_variant_args(b)
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
     t = sub.add_parser("train", help="fine-tune only, and print trainable parameters and validation accuracy",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_HelpFormatter)
     _add_data_args(t)
     _add_train_args(t)
     t.add_argument("--output", type=Path, required=True, help="output directory")
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("search", help="try fine-tuning recipes (freezing, LoRA rank/targets) under a time budget",
                         description="Train each candidate recipe for an equal share of the budget and rank them on "
                                     "validation accuracy; prints the best recipe and every candidate's cost.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     _add_data_args(sr)
     sr.add_argument("--budget-seconds", type=float, default=600.0, help="total training time for all candidates")
     sr.add_argument("--epochs", type=int, default=3, help="epochs per candidate (the time share may stop it first)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_data_config_validation(kwargs, field):
 def test_read_labeled_file_strips_and_keeps_order(tmp_path):
     p = _write_csv(tmp_path / "x.csv", [("  hello ", " a "), ("world", "b")])
     assert read_labeled_file(p) == [("hello", "a"), ("world", "b")]
+
+
+@pytest.mark.parametrize("command", ["build", "train", "search"])
+def test_cli_help_states_each_default_once_and_never_none(command):
+    from service.modelprep.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices[command].format_help().split())  # unwrap the columns
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: trec) (default" not in text and text.count("(default: trec)") == 1
+    if command == "build":
+        assert "cache of every stage (default: artifacts/default)" in text

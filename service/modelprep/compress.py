@@ -225,7 +225,8 @@ def structured_prune(cfg: PruneConfig, source_dir: Path, data: Dataset, output_d
         history = _distill_loop(student, teacher, tokenizer, data, max_length, epochs=cfg.recovery_epochs,
                                 lr=cfg.learning_rate, temperature=cfg.temperature, alpha=cfg.alpha,
                                 batch_size=cfg.batch_size, seed=cfg.seed, max_steps=None, desc="prune recovery",
-                                progress=progress, hidden_weight=cfg.hidden_weight)
+                                progress=progress, hidden_weight=cfg.hidden_weight,
+                                augment_copies=cfg.augment_copies)
     return _save(student, tokenizer, output_dir, {
         "compression": "structured_ffn_prune",
         "config": config_to_dict(cfg),

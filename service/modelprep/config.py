@@ -305,6 +305,8 @@ class PruneConfig:
         alpha: weight of the distillation loss against the label loss in the recovery.
         hidden_weight: weight of the hidden-state loss in the recovery (the pruned model's embedding and layer outputs
             pulled towards the unpruned model's; 0 = logits only).
+        augment_copies: teacher-labelled perturbed copies of every training text per recovery epoch (see
+            ``DistillConfig.augment_copies``).
         batch_size: recovery batch size.
         seed: seed of batch order.
     """
@@ -316,11 +318,13 @@ class PruneConfig:
     temperature: float = 2.0
     alpha: float = 0.5
     hidden_weight: float = 1.0
+    augment_copies: int = 0
     batch_size: int = 32
     seed: int = 13
 
     def __post_init__(self) -> None:
         _check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        _check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
         _check(0.05 <= self.ffn_keep_fraction <= 1.0,
                f"ffn_keep_fraction must be in [0.05, 1], got {self.ffn_keep_fraction}")
         _check(self.recovery_epochs >= 0, f"recovery_epochs must be >= 0, got {self.recovery_epochs}")
@@ -410,7 +414,8 @@ class CompressConfig:
 
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    prune_student: PruneConfig = field(default_factory=lambda: PruneConfig(ffn_keep_fraction=0.75, recovery_epochs=3))
+    prune_student: PruneConfig = field(default_factory=lambda: PruneConfig(
+        ffn_keep_fraction=0.75, recovery_epochs=4, augment_copies=1))
     magnitude: MagnitudePruneConfig | None = field(default_factory=MagnitudePruneConfig)
     int8: QuantizeConfig = field(default_factory=QuantizeConfig)
     publish: bool = False

@@ -51,42 +51,62 @@ class VariantReport:
         return asdict(self)
 
 
+def _feeds(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Up to 16 batches of consecutive test texts, each padded to its own longest (as the gateway pads)."""
+    feeds = []
+    for s in range(0, max(batch_size, min(len(texts), batch_size * 16)), batch_size):
+        chunk = [texts[(s + k) % len(texts)] for k in range(batch_size)]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
+                      "attention_mask": enc["attention_mask"].astype(np.int64)})  # fmt: skip
+    return feeds
+
+
+def _timed_rate(session, feeds: list[dict], batch_size: int, seconds: float) -> float:
+    n, i = 0, 0
+    t0 = time.perf_counter()
+    while True:
+        session.run(None, feeds[i % len(feeds)])
+        n += batch_size
+        i += 1
+        if time.perf_counter() - t0 >= seconds:
+            return n / (time.perf_counter() - t0)
+
+
+def measure_throughput_interleaved(
+    sessions: dict[str, object], tokenizer, texts: list[str], max_length: int, cfg: EvalConfig, progress=None
+) -> dict[str, tuple[dict[str, float], dict[str, list[float]]]]:
+    """Sequences per second of every session at each batch size: the median of ``cfg.repeats`` rounds.
+
+    Each round times every session once per batch size, one after the other, so a slow spell of a shared machine
+    (another tenant, a noisy neighbour) lowers all variants alike instead of one, and the ratios the report and
+    its targets rest on stay fair. All sessions read the same batches.
+
+    Returns:
+        name -> (median sequences/s per batch size, every round's rate per batch size).
+    """
+    rates: dict[str, dict[str, list[float]]] = {name: {} for name in sessions}
+    feeds = {bs: _feeds(tokenizer, texts, max_length, bs) for bs in cfg.batch_sizes}
+    for session in sessions.values():  # warm-up: first runs allocate and pick kernels
+        for bs in cfg.batch_sizes:
+            for f in feeds[bs][:2]:
+                session.run(None, f)
+    for _ in range(cfg.repeats):
+        for bs in cfg.batch_sizes:
+            for name, session in sessions.items():
+                rates[name].setdefault(str(bs), []).append(_timed_rate(session, feeds[bs], bs, cfg.seconds_per_repeat))
+                if progress is not None:
+                    progress.update(1)
+    return {name: ({bs: statistics.median(r) for bs, r in by_bs.items()},
+                   {bs: [round(x, 2) for x in r] for bs, r in by_bs.items()})
+            for name, by_bs in rates.items()}  # fmt: skip
+
+
 def measure_throughput(
     session, tokenizer, texts: list[str], max_length: int, cfg: EvalConfig, progress=None
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Sequences per second at each batch size, median of ``cfg.repeats`` runs of ``cfg.seconds_per_repeat``.
-
-    Batches are consecutive test texts padded to their longest (as the gateway does), so the figures reflect
-    real lengths rather than a fixed padded shape.
-    """
-    medians: dict[str, float] = {}
-    runs: dict[str, list[float]] = {}
-    for bs in cfg.batch_sizes:
-        feeds = []
-        for s in range(0, max(bs, min(len(texts), bs * 16)), bs):
-            chunk = [texts[(s + k) % len(texts)] for k in range(bs)]
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-            feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
-                          "attention_mask": enc["attention_mask"].astype(np.int64)})
-        for f in feeds[:2]:  # warm-up
-            session.run(None, f)
-        rates = []
-        for _ in range(cfg.repeats):
-            n = 0
-            t0 = time.perf_counter()
-            i = 0
-            while True:
-                session.run(None, feeds[i % len(feeds)])
-                n += bs
-                i += 1
-                if time.perf_counter() - t0 >= cfg.seconds_per_repeat:
-                    break
-            rates.append(n / (time.perf_counter() - t0))
-            if progress is not None:
-                progress.update(1)
-        medians[str(bs)] = statistics.median(rates)
-        runs[str(bs)] = [round(r, 2) for r in rates]
-    return medians, runs
+    """Sequences per second of one session at each batch size (see ``measure_throughput_interleaved``)."""
+    return measure_throughput_interleaved({"_": session}, tokenizer, texts, max_length, cfg, progress)["_"]
 
 
 def evaluate_variant(
@@ -99,9 +119,9 @@ def evaluate_variant(
     max_length: int,
     cfg: EvalConfig,
     reference_logits: np.ndarray | None = None,
-    progress=None,
-) -> tuple[VariantReport, np.ndarray]:
-    """Evaluate one ONNX file; returns its report row and its test logits."""
+) -> tuple[VariantReport, np.ndarray, object]:
+    """Accuracy and agreement of one ONNX file; returns its report row, its test logits and its session (for
+    ``measure_throughput_interleaved``, which fills ``row.throughput`` with every variant measured side by side)."""
     threads = cfg.threads or os.cpu_count() or 1
     session = ort_session(path, threads=threads)
     logits = onnx_logits(session, tokenizer, texts, max_length)
@@ -117,6 +137,4 @@ def evaluate_variant(
     if reference_logits is not None:
         row.agreement_with_fp32 = float((pred == reference_logits.argmax(1)).mean())
         row.max_abs_logit_diff_vs_fp32 = float(np.abs(logits - reference_logits).max())
-    if cfg.throughput:
-        row.throughput, row.throughput_runs = measure_throughput(session, tokenizer, texts, max_length, cfg, progress)
-    return row, logits
+    return row, logits, session

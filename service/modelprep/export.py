@@ -38,6 +38,9 @@ def ort_session(path: Path, threads: int | None = None):
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # No busy-waiting between runs, as served (the Triton model's allow_spinning=0): an idle session's spinning
+    # threads would otherwise steal cores from the next one measured.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

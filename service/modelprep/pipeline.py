@@ -117,7 +117,7 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
     Returns:
         A ``BuildResult``.
     """
-    from .evaluate import evaluate_variant
+    from .evaluate import evaluate_variant, measure_throughput_interleaved
     from .export import export_onnx
     from .finetune import train
     from .merge import merge_adapter
@@ -185,13 +185,14 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
 
         n_tp = len(cfg.evaluate.batch_sizes) * cfg.evaluate.repeats if cfg.evaluate.throughput else 0
         bar = tqdm(total=n_tp * len(variant_paths), desc="throughput", unit="run", disable=not progress or not n_tp)
-        rows = []
+        rows, sessions = [], {}
         ref = None
         texts, gold = data.test.texts, data.test.labels
         for name, path in variant_paths.items():
             _say(f"evaluating {name}")
-            row, logits = evaluate_variant(name, path, tokenizer, texts, gold, len(data.label_names), max_length,
-                                           cfg.evaluate, reference_logits=ref, progress=bar)
+            row, logits, sessions[name] = evaluate_variant(name, path, tokenizer, texts, gold,
+                                                           len(data.label_names), max_length, cfg.evaluate,
+                                                           reference_logits=ref)  # fmt: skip
             if name == "fp32":
                 ref = logits
             row.served = name in cfg.served_variants
@@ -199,7 +200,14 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
                 row.note = f"served recipe: {cfg.int8.tag}"
             elif name in compressed_meta:
                 row.note = compressed_meta[name].get("note", "")
-            rows.append(row.to_dict())
+            rows.append(row)
+        if cfg.evaluate.throughput:
+            _say(f"throughput of {len(sessions)} variants, interleaved ({cfg.evaluate.repeats} rounds)")
+            speed = measure_throughput_interleaved(sessions, tokenizer, texts, max_length, cfg.evaluate, bar)
+            for row in rows:
+                row.throughput, row.throughput_runs = speed[row.name]
+        sessions.clear()
+        rows = [row.to_dict() for row in rows]
         bar.close()
         methods = compare_methods(cfg, data, trained) if cfg.compare_methods else []
         report_holder["variants"] = rows

@@ -64,8 +64,9 @@ def render_markdown(report: dict) -> str:
         lines += [
             "",
             f"Throughput: in-process ONNX Runtime (CPU EP, {ev.get('threads') or m['cores']} threads), consecutive test "
-            f"questions padded to their batch's longest, median of {ev['repeats']} runs of ≥{ev['seconds_per_repeat']} s. "
-            "Runs on a shared 2-core VM vary by up to ~30%.",
+            f"questions padded to their batch's longest, median of {ev['repeats']} rounds; each round times every "
+            f"variant for ≥{ev['seconds_per_repeat']} s one after the other, so a slow spell of the shared VM (absolute "
+            "figures vary by up to ~30% between builds) hits all variants alike and the ratios stay comparable.",
         ]
     lines += ["", "## Targets", ""]
     for t in report.get("targets", []):

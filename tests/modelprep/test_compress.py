@@ -145,6 +145,7 @@ def test_magnitude_pruning_reaches_the_target_sparsity(tiny_build, small_data, t
         (lambda c: c.DistillConfig(hidden_weight=-1.0), "hidden_weight"),
         (lambda c: c.DistillConfig(augment_copies=-1), "augment_copies"),
         (lambda c: c.PruneConfig(hidden_weight=-0.5), "hidden_weight"),
+        (lambda c: c.PruneConfig(augment_copies=-2), "augment_copies"),
         (lambda c: c.MagnitudePruneConfig(target_sparsity=1.0), "target_sparsity"),
     ],
 )

@@ -145,6 +145,42 @@ def test_variants_stay_within_tolerance_of_fp32(tiny_build):
     assert int8_size < 0.5 * fp32_size
 
 
+def test_throughput_is_measured_in_interleaved_rounds(tiny_build):
+    from service.modelprep.config import EvalConfig
+    from service.modelprep.evaluate import measure_throughput_interleaved
+    from service.modelprep.export import ort_session
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))
+    int8_path = next((tiny_build.workdir / "int8").glob("*/model.onnx"))
+    order: list[str] = []
+
+    class Recording:
+        """A real ORT session that notes when it is timed."""
+
+        def __init__(self, name, path):
+            self.name, self.session = name, ort_session(path, threads=1)
+
+        def run(self, outputs, feed):
+            if not order or order[-1] != self.name:
+                order.append(self.name)
+            return self.session.run(outputs, feed)
+
+    sessions = {"fp32": Recording("fp32", tiny_build.workdir / "onnx" / "fp32.onnx"),
+                "int8": Recording("int8", int8_path)}  # fmt: skip
+    cfg = EvalConfig(batch_sizes=(1, 4), repeats=3, seconds_per_repeat=0.05, threads=1)
+    ticks = []
+    progress = type("P", (), {"update": lambda self, n: ticks.append(n)})()
+    out = measure_throughput_interleaved(sessions, tok, TEXTS * 4, 32, cfg, progress)
+    assert set(out) == {"fp32", "int8"} and len(ticks) == 3 * 2 * 2
+    for medians, runs in out.values():
+        assert set(medians) == {"1", "4"} and all(len(r) == 3 for r in runs.values())
+        assert all(v > 0 for v in medians.values())
+    # After the warm-up, the two variants alternate within every round: never all of one, then all of the other.
+    timed = order[2:]
+    assert timed[:4] == ["fp32", "int8", "fp32", "int8"] and len(timed) == 3 * 2 * 2
+
+
 def test_static_int8_with_calibration(tiny_build, tmp_path):
     import onnx
     from transformers import AutoTokenizer

@@ -295,7 +295,7 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
 def _build_compressed(cfg: BuildConfig, stages: _Stages, data: Dataset, merged_dir: Path, k_merge: str,
                       parity_texts: list[str], tokenizer, max_length: int, variant_paths: dict[str, Path],
                       progress: bool) -> dict[str, dict]:
-    """Pruned, distilled, distilled+pruned (FP32 and INT8) and sparse variants; adds them to ``variant_paths``."""
+    """Pruned, distilled, distilled+pruned (each FP32 and INT8) and sparse variants; adds them to ``variant_paths``."""
     from .compress import distill, magnitude_prune, structured_prune
     from .export import export_onnx
     from .quantize import quantize_int8
@@ -323,10 +323,12 @@ def _build_compressed(cfg: BuildConfig, stages: _Stages, data: Dataset, merged_d
         variant_paths[name] = d / "model.onnx"
 
     k_pruned = config_hash(k_merge, cc.prune)
-    model_stage("pruned", k_pruned, lambda out: structured_prune(cc.prune, merged_dir, data, out, progress=progress))
+    pd = model_stage("pruned", k_pruned,
+                     lambda out: structured_prune(cc.prune, merged_dir, data, out, progress=progress))
     meta["pruned"]["note"] = (f"FFN neurons kept: {meta['pruned']['intermediate_size'][1]} of "
                               f"{meta['pruned']['intermediate_size'][0]} per layer, "
                               f"{100 * meta['pruned']['removed_fraction']:.0f}% of parameters removed")
+    int8_stage("pruned-int8", pd / "model.onnx", k_pruned)
     k_dist = config_hash(k_merge, cc.distill)
     dd = model_stage("distilled", k_dist, lambda out: distill(cc.distill, merged_dir, data, out, progress=progress))
     meta["distilled"]["note"] = f"student keeps layers {list(cc.distill.student_layers)} of the teacher"
@@ -372,8 +374,7 @@ def check_targets(report: dict) -> list[dict]:
         d = (rows["fp16"]["accuracy"] - fp32["accuracy"]) * 100
         out.append({"what": "FP16 within 0.1 points of FP32", "ok": abs(d) <= 0.1, "detail": f"{d:+.2f} points"})
     tp = report["evaluate"]
-    compressed = [r for r in report["variants"] if r["name"] in report.get("compression", {})
-                  or r["name"].startswith("distilled")]
+    compressed = [r for r in report["variants"] if r["name"].removesuffix("-int8") in report.get("compression", {})]
     if compressed and "int8" in rows and tp["throughput"] and tp["batch_sizes"]:
         b = str(max(tp["batch_sizes"]))
         base = rows["int8"]["throughput"][b]

@@ -192,10 +192,12 @@ def test_build_with_compression_adds_report_rows_and_publishes(tiny_build, tmp_p
     res = build(BuildConfig.tiny(work, tmp_path / "repo", compress=cc), progress=False)
     assert {"train", "merged", "onnx"} <= set(res.reused)
     names = [r["name"] for r in res.report["variants"]]
-    for n in ("pruned", "distilled", "distilled-int8", "distilled-pruned", "distilled-pruned-int8", "sparse"):
+    for n in ("pruned", "pruned-int8", "distilled", "distilled-int8", "distilled-pruned", "distilled-pruned-int8",
+              "sparse"):
         assert n in names, names
     sizes = {r["name"]: r["size_bytes"] for r in res.report["variants"]}
     assert sizes["distilled-pruned-int8"] < sizes["distilled-int8"] < sizes["distilled"] < sizes["fp32"]
+    assert sizes["pruned-int8"] < sizes["pruned"] < sizes["fp32"]
     assert res.report["compression"]["sparse"]["sparsity"] == pytest.approx(0.3, abs=0.01)
     small = res.published["small_int8"]
     assert (small / "model.onnx").is_file()

@@ -235,3 +235,30 @@ def test_rebuild_reuses_every_stage(tiny_build):
     again = build(cfg, progress=False)
     for stage in ("train", "merged", "onnx", "fp16", "eval", "publish/int8", "publish/fp16"):
         assert stage in again.reused, (stage, again.reused)
+
+
+def test_compression_target_takes_the_fastest_compressed_variant_within_the_accuracy_budget():
+    from service.modelprep.pipeline import check_targets
+
+    def row(name, acc, b32):
+        return {"name": name, "accuracy": acc, "throughput": {"32": b32}}
+
+    report = {
+        "evaluate": {"throughput": True, "batch_sizes": [1, 32]},
+        "compression": {"pruned": {}, "distilled": {}, "distilled-pruned": {}},
+        "variants": [
+            row("fp32", 0.940, 500.0), row("int8", 0.942, 1000.0),
+            row("int8-dyn-pt-sym", 0.939, 5000.0),  # fast, but a quantization recipe, not a compressed model
+            row("pruned", 0.938, 800.0), row("pruned-int8", 0.937, 2100.0),
+            row("distilled-int8", 0.930, 2500.0),  # 1.0 point lost: allowed
+            row("distilled-pruned-int8", 0.920, 4000.0),  # 2.0 points lost: over budget however fast
+        ],
+    }  # fmt: skip
+    (target,) = [t for t in check_targets(report) if "compressed variant" in t["what"]]
+    assert target["ok"] and target["detail"].startswith("distilled-int8: 2.50x")
+    report["variants"][-2]["accuracy"] = 0.920
+    (target,) = [t for t in check_targets(report) if "compressed variant" in t["what"]]
+    assert target["ok"] and target["detail"].startswith("pruned-int8: 2.10x")
+    report["variants"][4]["throughput"]["32"] = 1500.0
+    (target,) = [t for t in check_targets(report) if "compressed variant" in t["what"]]
+    assert not target["ok"] and target["detail"].startswith("pruned-int8: 1.50x")

@@ -49,7 +49,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "throughput does not collapse (at least 10% of the measured capacity). It stays below capacity here: the "
         "open-loop generator (httpx, itself CPU-hungry at ~440 requests/s), the gateway answering the shed "
         "requests and Triton share 2 cores, and since ONNX Runtime no longer spins, the gateway's HTTP work is the "
-        "bottleneck, not the model: 0.81 of capacity when Triton was the bottleneck; 0.19-0.41 across recent runs "
+        "bottleneck, not the model: 0.81 of capacity when Triton was the bottleneck; 0.19-0.63 across recent runs "
         "with capacity 3.6x higher, the spread being how much CPU the generator takes from the gateway.",
     ),
     "client_disconnect": (

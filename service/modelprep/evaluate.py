@@ -102,13 +102,6 @@ def measure_throughput_interleaved(
             for name, by_bs in rates.items()}  # fmt: skip
 
 
-def measure_throughput(
-    session, tokenizer, texts: list[str], max_length: int, cfg: EvalConfig, progress=None
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Sequences per second of one session at each batch size (see ``measure_throughput_interleaved``)."""
-    return measure_throughput_interleaved({"_": session}, tokenizer, texts, max_length, cfg, progress)["_"]
-
-
 def evaluate_variant(
     name: str,
     path: Path,

@@ -42,8 +42,7 @@ TRITON_METRICS = {"nv_gpu_utilization"}
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The helm binary, fetched once (idempotent) by scripts/get-helm.sh."""
-    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "get-helm.sh")], check=True, timeout=300,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "get-helm.sh")], check=True, timeout=300, capture_output=True)
     assert HELM.is_file()
     return HELM
 
@@ -93,8 +92,9 @@ def test_every_rendered_object_validates_against_kubernetes_schemas(rendered, ve
             except SchemaNotFoundError:
                 assert obj["kind"] in CRD_KINDS, f"{name}: no schema for {obj['kind']}"
             except kubernetes_validate.ValidationError as exc:
-                raise AssertionError(f"{name}: {obj['kind']}/{obj['metadata']['name']} invalid for {version}: "
-                                     f"{exc}") from None  # fmt: skip
+                raise AssertionError(
+                    f"{name}: {obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc}"
+                ) from None
     assert validated >= 20
 
 
@@ -131,8 +131,11 @@ def test_hpa_metrics_are_served_by_the_adapter_and_exported(rendered):
     metrics = hpa["spec"]["metrics"]
     by_type = [(m["type"], m[m["type"].lower()]["metric"]["name"]) for m in metrics]
     # Queue depth per pod first, P99 as the SLO guard on the Service, GPU utilization as saturation.
-    assert by_type == [("Pods", "gateway_queue_depth"), ("Object", "gateway_request_duration_p99_seconds"),
-                       ("Pods", "gpu_utilization_ratio")]  # fmt: skip
+    assert by_type == [
+        ("Pods", "gateway_queue_depth"),
+        ("Object", "gateway_request_duration_p99_seconds"),
+        ("Pods", "gpu_utilization_ratio"),
+    ]
     assert metrics[1]["object"]["describedObject"] == {"apiVersion": "v1", "kind": "Service", "name": "loraserve"}
     assert metrics[1]["object"]["target"] == {"type": "Value", "value": "200m"}
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
@@ -141,7 +144,7 @@ def test_hpa_metrics_are_served_by_the_adapter_and_exported(rendered):
     rules = _adapter_rules()
     assert {name for _, name in by_type} == set(rules)
     exported = _gateway_metric_families()
-    for (kind, name) in by_type:
+    for kind, name in by_type:
         rule = rules[name]
         series = re.match(r"([a-zA-Z_][a-zA-Z0-9_]*)", rule["seriesQuery"]).group(1)
         assert re.fullmatch(rule["name"]["matches"], series)
@@ -237,8 +240,9 @@ def test_container_ports_match_gateway_settings(rendered, values, monkeypatch):
     args = tr["args"]
     assert f"--grpc-port={ports['triton-grpc']}" in args and "--grpc-address=127.0.0.1" in args
     assert f"--metrics-port={ports['triton-metrics']}" in args and f"--http-port={ports['triton-http']}" in args
-    assert [a for a in args if a.startswith("--load-model=")] == [f"--load-model={settings.model_name(v)}"
-                                                                 for v in settings.variants]  # fmt: skip
+    assert [a for a in args if a.startswith("--load-model=")] == [
+        f"--load-model={settings.model_name(v)}" for v in settings.variants
+    ]
     mounts = {m["name"]: m["mountPath"] for m in gw["volumeMounts"]}
     assert str(settings.triton.model_repository) == mounts["model-repository"]
     svc = one(objects, "Service")
@@ -262,8 +266,13 @@ def test_security_context_is_locked_down(rendered, values):
         assert "resources" in c and c["resources"]["limits"]
         assert not c["image"].endswith(":latest") and ":" in c["image"]
     labels = one(rendered[values], "Deployment")["metadata"]["labels"]
-    for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version",
-                "app.kubernetes.io/managed-by", "helm.sh/chart"):  # fmt: skip
+    for key in (
+        "app.kubernetes.io/name",
+        "app.kubernetes.io/instance",
+        "app.kubernetes.io/version",
+        "app.kubernetes.io/managed-by",
+        "helm.sh/chart",
+    ):
         assert key in labels
 
 
@@ -281,10 +290,17 @@ def test_gpu_values_request_a_gpu_and_default_does_not(rendered):
     assert all(rule.get("from") for rule in policy["ingress"])
 
 
-@pytest.mark.parametrize("bad", [
-    "gateway.image.tag=latest", "autoscaling.provider=custom", "gateway.config.batch.maxBatchSize=128",
-    "gateway.config.triton.startupTimeoutSeconds=600", "unknownKey=1", "modelRepository.source=s3",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "gateway.image.tag=latest",
+        "autoscaling.provider=custom",
+        "gateway.config.batch.maxBatchSize=128",
+        "gateway.config.triton.startupTimeoutSeconds=600",
+        "unknownKey=1",
+        "modelRepository.source=s3",
+    ],
+)
 def test_values_schema_rejects_bad_values(helm, bad):
     result = _helm(helm, "template", "loraserve", str(CHART), "--set", bad)
     assert result.returncode != 0
@@ -316,16 +332,22 @@ def test_chart_readme_maps_every_gateway_value_to_its_env_var(rendered):
 
 
 def test_deploy_manifests_are_in_sync_with_the_chart(helm):
-    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "render-manifests.sh"), "--check"],
-                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "render-manifests.sh"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_deploy_manifests_equal_the_rendered_objects(rendered):
     plain = [d for d in yaml.safe_load_all((REPO_ROOT / "deploy/manifests/loraserve.yaml").read_text()) if d]
     assert plain == rendered["default"]
-    gpu = [d for d in yaml.safe_load_all((REPO_ROOT / "deploy/manifests/gpu-autoscaling/loraserve.yaml").read_text())
-           if d]  # fmt: skip
+    gpu = [
+        d for d in yaml.safe_load_all((REPO_ROOT / "deploy/manifests/gpu-autoscaling/loraserve.yaml").read_text()) if d
+    ]
     assert gpu == rendered["gpu-autoscaling"]
     keda = [d for d in yaml.safe_load_all((REPO_ROOT / "deploy/keda/scaledobject.yaml").read_text()) if d]
     assert keda == [one(rendered["keda"], "ScaledObject")]

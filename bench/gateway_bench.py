@@ -66,9 +66,16 @@ def machine() -> dict:
 
     m = describe_machine()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": m["cpu"], "cpu_cores": m["cores"], "usable_cores": usable, "memory_gib": m["memory_gib"],
-            "cpu_flags": m["cpu_flags"], "platform": platform.platform(), "python": m["python"],
-            "load_average_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
+    return {
+        "cpu_model": m["cpu"],
+        "cpu_cores": m["cores"],
+        "usable_cores": usable,
+        "memory_gib": m["memory_gib"],
+        "cpu_flags": m["cpu_flags"],
+        "platform": platform.platform(),
+        "python": m["python"],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -122,8 +129,9 @@ def serve_transformers(args: argparse.Namespace) -> None:
     torch.set_num_threads(2)
     model_dir = Path(args.hf_model_dir)
     tok_dir = model_dir.parent / "tokenizer" if (model_dir.parent / "tokenizer").is_dir() else model_dir
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=args.num_labels,
-                                                               local_files_only=True)  # fmt: skip
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), num_labels=args.num_labels, local_files_only=True
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     clf = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1, top_k=None)
     # The first calls of a fresh torch process take hundreds of milliseconds each (lazy kernel set-up, measured
@@ -151,8 +159,9 @@ class Proc:
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen(cmd, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=self._log,
-                                  stderr=subprocess.STDOUT)  # fmt: skip
+        self.p = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def wait_http(self, url: str, timeout_seconds: float) -> None:
         import httpx
@@ -217,9 +226,17 @@ async def closed_loop(send, concurrency: int, warmup_seconds: float, duration_se
     def pct(p: float) -> float | None:
         return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None
 
-    return {"concurrency": concurrency, "requests": len(lat), "errors": errors,
-            "rps": round(len(lat) / duration_seconds, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
-            "p95_ms": pct(0.95), "p99_ms": pct(0.99), "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "errors": errors,
+        "rps": round(len(lat) / duration_seconds, 1),
+        "p50_ms": pct(0.50),
+        "p90_ms": pct(0.90),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "mean_ms": round(statistics.fmean(lat) * 1000, 1) if lat else None,
+    }
 
 
 def http_sender(url: str, concurrency: int, extra: dict | None = None):
@@ -239,8 +256,10 @@ def http_sender(url: str, concurrency: int, extra: dict | None = None):
             session = state.get("s")
             if session is None:  # created inside the running loop
                 session = state["s"] = aiohttp.ClientSession(
-                    base_url=url, connector=aiohttp.TCPConnector(limit=concurrency),
-                    timeout=aiohttp.ClientTimeout(total=60))  # fmt: skip
+                    base_url=url,
+                    connector=aiohttp.TCPConnector(limit=concurrency),
+                    timeout=aiohttp.ClientTimeout(total=60),
+                )
             async with session.post("/v1/classify", json={"text": q, **(extra or {})}) as r:
                 await r.read()
                 return r.status == 200
@@ -252,8 +271,11 @@ def http_sender(url: str, concurrency: int, extra: dict | None = None):
         return send, close
     import httpx
 
-    client = httpx.AsyncClient(base_url=url, timeout=60.0,
-                               limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))  # fmt: skip
+    client = httpx.AsyncClient(
+        base_url=url,
+        timeout=60.0,
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
 
     async def send(q: str) -> bool:
         r = await client.post("/v1/classify", json={"text": q, **(extra or {})})
@@ -275,12 +297,15 @@ def triton_sender(grpc_url: str, version_dir: Path):
 
     async def send(q: str) -> bool:
         ids = np.asarray([tok.encode(q).ids], dtype=np.int64)
-        inputs = [grpcaio.InferInput("input_ids", list(ids.shape), "INT64"),
-                  grpcaio.InferInput("attention_mask", list(ids.shape), "INT64")]  # fmt: skip
+        inputs = [
+            grpcaio.InferInput("input_ids", list(ids.shape), "INT64"),
+            grpcaio.InferInput("attention_mask", list(ids.shape), "INT64"),
+        ]
         inputs[0].set_data_from_numpy(ids)
         inputs[1].set_data_from_numpy(np.ones_like(ids))
-        res = await client.infer("classifier_int8", inputs, outputs=[grpcaio.InferRequestedOutput("logits")],
-                                 client_timeout=60)  # fmt: skip
+        res = await client.infer(
+            "classifier_int8", inputs, outputs=[grpcaio.InferRequestedOutput("logits")], client_timeout=60
+        )
         return res.as_numpy("logits") is not None
 
     return send, client.close

@@ -71,22 +71,56 @@ def load_questions(path: Path) -> list[str]:
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
     # Each option can also be set in locust.conf (without the dashes) or through its environment variable.
-    parser.add_argument("--max-error-rate", type=float, default=0.01, env_var="LOCUST_MAX_ERROR_RATE",
-                        help="fail the run above this share of non-shed failures among all requests")  # fmt: skip
-    parser.add_argument("--max-p99-ms", type=float, default=1000.0, env_var="LOCUST_MAX_P99_MS",
-                        help="fail the run when the P99 of non-shed requests is above this (milliseconds)")  # fmt: skip
-    parser.add_argument("--fp16-share", type=float, default=0.25, env_var="LOCUST_FP16_SHARE",
-                        help="share of requests that ask for the fp16 variant (the rest: int8)")  # fmt: skip
-    parser.add_argument("--list-share", type=float, default=0.3, env_var="LOCUST_LIST_SHARE",
-                        help="share of requests that send a list of texts instead of one text")  # fmt: skip
-    parser.add_argument("--max-list-size", type=int, default=8, env_var="LOCUST_MAX_LIST_SIZE",
-                        help="largest list of texts in one request (at most the gateway's max_client_batch_size)")  # fmt: skip
-    parser.add_argument("--corpus", default=str(CORPUS), env_var="LOCUST_CORPUS",
-                        help="question file, one per line")  # fmt: skip
-    parser.add_argument("--api-key", default="", env_var="LOCUST_API_KEY", is_secret=True,
-                        help="sent as 'Authorization: Bearer' when the gateway has GATEWAY_API_KEYS")  # fmt: skip
-    parser.add_argument("--shape", default="steady", choices=["ramp", "steady", "spike"], env_var="LOCUST_SHAPE",
-                        help="stages of loadtest/shapes.py (only when that file is loaded with -f)")  # fmt: skip
+    parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        env_var="LOCUST_MAX_ERROR_RATE",
+        help="fail the run above this share of non-shed failures among all requests",
+    )
+    parser.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=1000.0,
+        env_var="LOCUST_MAX_P99_MS",
+        help="fail the run when the P99 of non-shed requests is above this (milliseconds)",
+    )
+    parser.add_argument(
+        "--fp16-share",
+        type=float,
+        default=0.25,
+        env_var="LOCUST_FP16_SHARE",
+        help="share of requests that ask for the fp16 variant (the rest: int8)",
+    )
+    parser.add_argument(
+        "--list-share",
+        type=float,
+        default=0.3,
+        env_var="LOCUST_LIST_SHARE",
+        help="share of requests that send a list of texts instead of one text",
+    )
+    parser.add_argument(
+        "--max-list-size",
+        type=int,
+        default=8,
+        env_var="LOCUST_MAX_LIST_SIZE",
+        help="largest list of texts in one request (at most the gateway's max_client_batch_size)",
+    )
+    parser.add_argument("--corpus", default=str(CORPUS), env_var="LOCUST_CORPUS", help="question file, one per line")
+    parser.add_argument(
+        "--api-key",
+        default="",
+        env_var="LOCUST_API_KEY",
+        is_secret=True,
+        help="sent as 'Authorization: Bearer' when the gateway has GATEWAY_API_KEYS",
+    )
+    parser.add_argument(
+        "--shape",
+        default="steady",
+        choices=["ramp", "steady", "spike"],
+        env_var="LOCUST_SHAPE",
+        help="stages of loadtest/shapes.py (only when that file is loaded with -f)",
+    )
 
 
 class GatewayUser(FastHttpUser):
@@ -232,7 +266,7 @@ def scrape_histograms(host: str) -> dict[str, dict[float | str, float]] | None:
         be read.
     """
     try:
-        with urllib.request.urlopen(f"{host.rstrip('/')}/metrics", timeout=10) as r:  # noqa: S310 - our own host
+        with urllib.request.urlopen(f"{host.rstrip('/')}/metrics", timeout=10) as r:
             text = r.read().decode()
     except (OSError, urllib.error.URLError):
         return None
@@ -315,11 +349,13 @@ def _verdict(environment, **_kw) -> None:
         return  # the master holds the aggregated stats and decides
     options = environment.parsed_options
     served = served_stats(environment)
-    client = {"requests": environment.stats.total.num_requests,
-              "shed": environment.stats.total.num_requests - served.num_requests,
-              "errors": served.num_failures,
-              "p50_ms": served.get_response_time_percentile(0.5) if served.num_requests else None,
-              "p99_ms": served.get_response_time_percentile(0.99) if served.num_requests else None}  # fmt: skip
+    client = {
+        "requests": environment.stats.total.num_requests,
+        "shed": environment.stats.total.num_requests - served.num_requests,
+        "errors": served.num_failures,
+        "p50_ms": served.get_response_time_percentile(0.5) if served.num_requests else None,
+        "p99_ms": served.get_response_time_percentile(0.99) if served.num_requests else None,
+    }
     log.info("client view (locust): %s", client)
     server = server_summary(environment)
     if server is not None:
@@ -330,7 +366,11 @@ def _verdict(environment, **_kw) -> None:
     prefix = getattr(options, "csv_prefix", None)
     if prefix:
         # Written after the last request, unlike locust's CSV files, which are refreshed on a timer.
-        summary = {"client": client, "server": server, "misses": misses,
-                   "thresholds": {"max_error_rate": options.max_error_rate, "max_p99_ms": options.max_p99_ms}}  # fmt: skip
+        summary = {
+            "client": client,
+            "server": server,
+            "misses": misses,
+            "thresholds": {"max_error_rate": options.max_error_rate, "max_p99_ms": options.max_p99_ms},
+        }
         Path(f"{prefix}_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     environment.process_exit_code = 1 if misses else 0

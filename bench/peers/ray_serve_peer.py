@@ -35,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vdir = args.version_dir.resolve()
 
-    @serve.deployment(num_replicas=1, max_ongoing_requests=args.max_ongoing_requests,
-                      ray_actor_options={"num_cpus": 1})  # fmt: skip
+    @serve.deployment(num_replicas=1, max_ongoing_requests=args.max_ongoing_requests, ray_actor_options={"num_cpus": 1})
     class Classifier:
         def __init__(self) -> None:
             import onnxruntime as ort
@@ -70,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)  # fmt: skip
+    ray.init(
+        num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(Classifier.bind(), route_prefix="/", blocking=False)

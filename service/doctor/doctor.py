@@ -29,8 +29,14 @@ CUSTOM_GROUP = "custom.metrics.k8s.io"
 EXTERNAL_GROUP = "external.metrics.k8s.io"
 METRICS_VERSION = "v1beta1"
 #: Kind of a describedObject -> resource name in the custom metrics API path.
-_RESOURCE_OF_KIND = {"Service": "services", "Pod": "pods", "Deployment": "deployments", "Ingress": "ingresses",
-                     "Namespace": "namespaces", "StatefulSet": "statefulsets"}  # fmt: skip
+_RESOURCE_OF_KIND = {
+    "Service": "services",
+    "Pod": "pods",
+    "Deployment": "deployments",
+    "Ingress": "ingresses",
+    "Namespace": "namespaces",
+    "StatefulSet": "statefulsets",
+}
 
 
 @dataclass
@@ -83,8 +89,19 @@ class DoctorError(RuntimeError):
 
 def _quantity(value: str) -> float:
     """Parse a Kubernetes quantity as the metrics APIs return it ("250m", "16", "1k", "NaN")."""
-    suffixes = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-                "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}  # fmt: skip
+    suffixes = {
+        "n": 1e-9,
+        "u": 1e-6,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
     for suffix in sorted(suffixes, key=len, reverse=True):
         if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).lstrip("-").isdigit():
             return float(value[: -len(suffix)]) * suffixes[suffix]
@@ -124,9 +141,12 @@ class Doctor:
     def _get(self, path: str, query: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
         """GET an API path; return (HTTP status, decoded body). Non-2xx answers are returned, not raised."""
         params = self.api.param_serialize(
-            "GET", path, query_params=list((query or {}).items()), header_params={"Accept": "application/json"},
+            "GET",
+            path,
+            query_params=list((query or {}).items()),
+            header_params={"Accept": "application/json"},
             auth_settings=["BearerToken"],
-        )  # fmt: skip
+        )
         try:
             response = self.api.call_api(*params)
             response.read()
@@ -207,10 +227,13 @@ class Doctor:
         except ApiException as exc:
             reasons.append(f"scale target {ref.kind}/{ref.name}: HTTP {exc.status} {exc.reason}")
         api_services = {g: self._api_service(g) for g in (CUSTOM_GROUP, EXTERNAL_GROUP)}
-        discovered = {g: self._discovered(g) for g in (CUSTOM_GROUP, EXTERNAL_GROUP) if
-                      api_services[g].startswith("available")}  # fmt: skip
+        discovered = {
+            g: self._discovered(g) for g in (CUSTOM_GROUP, EXTERNAL_GROUP) if api_services[g].startswith("available")
+        }
 
-        checks = [self._check_metric(m, ns, selector, running, api_services, discovered) for m in hpa.spec.metrics or []]
+        checks = [
+            self._check_metric(m, ns, selector, running, api_services, discovered) for m in hpa.spec.metrics or []
+        ]
         for c in checks:
             if c.status in ("missing", "empty", "invalid"):
                 reasons.append(f"{c.type} metric {c.name}: {c.detail}")
@@ -225,20 +248,39 @@ class Doctor:
         if status and status.current_replicas is not None and status.current_replicas >= hpa.spec.max_replicas:
             reasons.append(f"at maxReplicas ({hpa.spec.max_replicas}): it cannot add pods however high the metrics")
         return HpaReport(
-            namespace=ns, name=hpa.metadata.name, target=f"{ref.kind}/{ref.name}",
-            min_replicas=hpa.spec.min_replicas or 1, max_replicas=hpa.spec.max_replicas,
+            namespace=ns,
+            name=hpa.metadata.name,
+            target=f"{ref.kind}/{ref.name}",
+            min_replicas=hpa.spec.min_replicas or 1,
+            max_replicas=hpa.spec.max_replicas,
             current_replicas=status.current_replicas if status else None,
-            desired_replicas=status.desired_replicas if status else None, running_pods=running,
-            api_services=api_services, metrics=checks, conditions=conditions, stall_reasons=reasons,
-        )  # fmt: skip
+            desired_replicas=status.desired_replicas if status else None,
+            running_pods=running,
+            api_services=api_services,
+            metrics=checks,
+            conditions=conditions,
+            stall_reasons=reasons,
+        )
 
-    def _check_metric(self, metric: Any, ns: str, pod_selector: str, running: int, api_services: dict[str, str],
-                      discovered: dict[str, set[str] | None]) -> MetricCheck:  # fmt: skip
+    def _check_metric(
+        self,
+        metric: Any,
+        ns: str,
+        pod_selector: str,
+        running: int,
+        api_services: dict[str, str],
+        discovered: dict[str, set[str] | None],
+    ) -> MetricCheck:
         kind = metric.type
         if kind in ("Resource", "ContainerResource"):
             res = metric.resource or metric.container_resource
-            return MetricCheck(kind, res.name, "skipped", "served by metrics.k8s.io (metrics-server), not checked",
-                               _target_text(res.target))  # fmt: skip
+            return MetricCheck(
+                kind,
+                res.name,
+                "skipped",
+                "served by metrics.k8s.io (metrics-server), not checked",
+                _target_text(res.target),
+            )
         if kind == "Pods":
             spec = metric.pods
             group, resource = CUSTOM_GROUP, f"pods/{spec.metric.name}"
@@ -261,36 +303,71 @@ class Doctor:
             return MetricCheck(kind, "?", "skipped", f"unknown metric type {kind}")
         name, target = spec.metric.name, _target_text(spec.target)
         if not api_services[group].startswith("available"):
-            return MetricCheck(kind, name, "missing", f"the {group} API is {api_services[group]}: no adapter "
-                               "(prometheus-adapter or KEDA) serves it, so the HPA gets 'no metrics returned'",
-                               target)  # fmt: skip
+            return MetricCheck(
+                kind,
+                name,
+                "missing",
+                f"the {group} API is {api_services[group]}: no adapter "
+                "(prometheus-adapter or KEDA) serves it, so the HPA gets 'no metrics returned'",
+                target,
+            )
         served_names = discovered.get(group)
         query = {"labelSelector": selector} if selector else {}
         status, body = self._get(path, query)
-        if status == 404 or (status == 200 and served_names is not None and resource not in served_names
-                             and kind != "External"):  # fmt: skip
-            hint = "" if served_names is None else (
-                f"; the adapter serves: {', '.join(sorted(served_names)) or 'nothing'}")
-            return MetricCheck(kind, name, "missing", f"not served ({body.get('message', 'HTTP 404')}): no adapter "
-                               f"rule exposes {resource}{hint}", target)  # fmt: skip
+        if status == 404 or (
+            status == 200 and served_names is not None and resource not in served_names and kind != "External"
+        ):
+            hint = (
+                ""
+                if served_names is None
+                else (f"; the adapter serves: {', '.join(sorted(served_names)) or 'nothing'}")
+            )
+            return MetricCheck(
+                kind,
+                name,
+                "missing",
+                f"not served ({body.get('message', 'HTTP 404')}): no adapter rule exposes {resource}{hint}",
+                target,
+            )
         if status != 200:
             return MetricCheck(kind, name, "missing", f"HTTP {status}: {body.get('message', '')}", target)
         items = body.get("items", [])
         if not items:
             where = f"pods matching {selector!r}" if kind == "Pods" else "this object"
-            return MetricCheck(kind, name, "empty", f"the adapter knows {resource} but returned no value for {where}: "
-                               "the series lacks the namespace/pod (or service) labels, is not scraped, or has no "
-                               "samples in the query window", target)  # fmt: skip
-        values = {(i.get("describedObject", {}).get("name") or i.get("metricName", name)): str(i["value"])
-                  for i in items}  # fmt: skip
+            return MetricCheck(
+                kind,
+                name,
+                "empty",
+                f"the adapter knows {resource} but returned no value for {where}: "
+                "the series lacks the namespace/pod (or service) labels, is not scraped, or has no "
+                "samples in the query window",
+                target,
+            )
+        values = {
+            (i.get("describedObject", {}).get("name") or i.get("metricName", name)): str(i["value"]) for i in items
+        }
         numbers = {k: _quantity(v) for k, v in values.items()}
         bad = [k for k, v in numbers.items() if math.isnan(v) or math.isinf(v)]
         if bad:
-            return MetricCheck(kind, name, "invalid", f"non-finite value for {', '.join(bad)} (a histogram_quantile "
-                               "over no traffic gives NaN; guard the query)", target, values)  # fmt: skip
+            return MetricCheck(
+                kind,
+                name,
+                "invalid",
+                f"non-finite value for {', '.join(bad)} (a histogram_quantile "
+                "over no traffic gives NaN; guard the query)",
+                target,
+                values,
+            )
         if kind == "Pods" and running and len(items) < running:
-            return MetricCheck(kind, name, "partial", f"{len(items)} of {running} running pods have a value; the HPA "
-                               "assumes conservative values for the others", target, values)  # fmt: skip
+            return MetricCheck(
+                kind,
+                name,
+                "partial",
+                f"{len(items)} of {running} running pods have a value; the HPA "
+                "assumes conservative values for the others",
+                target,
+                values,
+            )
         avg = sum(numbers.values()) / len(numbers)
         return MetricCheck(kind, name, "served", f"{len(items)} value(s), mean {avg:g}", target, values)
 

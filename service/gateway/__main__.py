@@ -55,20 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="bind address (GATEWAY_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port, 0 for a free one (GATEWAY_PORT; default 8000)")
-    parser.add_argument("--grpc-port", type=int,
-                        help="v2 gRPC port, 0 for a free one, -1 for none (GATEWAY_GRPC_PORT; default 9001)")
     parser.add_argument(
-        "--model-repository", type=Path,
+        "--grpc-port", type=int, help="v2 gRPC port, 0 for a free one, -1 for none (GATEWAY_GRPC_PORT; default 9001)"
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
         help="model repository with tokenizer.json/labels.json per version (GATEWAY_TRITON__MODEL_REPOSITORY)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--embedded-triton", action="store_true",
+        "--embedded-triton",
+        action="store_true",
         help="start the bundled tritonserver (from the nvidia-pytriton wheel) on free 127.0.0.1 ports against the "
         "model repository, use its gRPC URL, and stop it after the gateway has drained",
-    )  # fmt: skip
+    )
     parser.add_argument("--triton-log", type=Path, help="with --embedded-triton: file for Triton's log")
-    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
-                        help="log level (GATEWAY_LOG_LEVEL; default info)")  # fmt: skip
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level (GATEWAY_LOG_LEVEL; default info)",
+    )
     return parser
 
 
@@ -98,8 +104,9 @@ class DrainingServer(uvicorn.Server):
             return
         self._drain_started = True
         self._runtime.draining = True
-        logger.info("signal %s: draining (not ready for %.1f s, then finishing accepted work)", sig,
-                    self._grace_seconds)  # fmt: skip
+        logger.info(
+            "signal %s: draining (not ready for %.1f s, then finishing accepted work)", sig, self._grace_seconds
+        )
         timer = threading.Timer(self._grace_seconds, self._close)
         timer.daemon = True
         timer.start()
@@ -117,8 +124,10 @@ class DrainingServer(uvicorn.Server):
 
 def _print_ready(settings: Settings, url: str, grpc_port: int | None) -> None:
     example = json.dumps({"text": "What is the capital of France?", "variant": settings.default_variant})
-    lines = [f"gateway ready at {url} (docs: {url}/docs)",
-             f"  curl -s -X POST {url}/v1/classify -H 'content-type: application/json' -d '{example}'"]  # fmt: skip
+    lines = [
+        f"gateway ready at {url} (docs: {url}/docs)",
+        f"  curl -s -X POST {url}/v1/classify -H 'content-type: application/json' -d '{example}'",
+    ]
     if grpc_port is not None:
         lines.append(f"gateway gRPC (v2 GRPCInferenceService, health) at {settings.host}:{grpc_port}")
     print("\n".join(lines), flush=True)
@@ -162,8 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_path=args.triton_log,
             startup_timeout_seconds=settings.triton.startup_timeout_seconds,
         )
-        supervisor = TritonSupervisor(cfg, max_backoff_seconds=settings.triton.restart_backoff_max_seconds,
-                                      restart=settings.triton.restart_embedded)  # fmt: skip
+        supervisor = TritonSupervisor(
+            cfg,
+            max_backoff_seconds=settings.triton.restart_backoff_max_seconds,
+            restart=settings.triton.restart_embedded,
+        )
         try:
             triton = supervisor.start()
         except TritonStartError as exc:
@@ -184,8 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             lifespan="on",
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_seconds)),
         )
-        server = DrainingServer(config, app.state.runtime, settings.drain_grace_seconds,
-                                on_ready=lambda url: _print_ready(settings, url, app.state.grpc_port))  # fmt: skip
+        server = DrainingServer(
+            config,
+            app.state.runtime,
+            settings.drain_grace_seconds,
+            on_ready=lambda url: _print_ready(settings, url, app.state.grpc_port),
+        )
         server.run()
         return 0 if server.started else 1
     finally:

@@ -90,8 +90,7 @@ class RequestContextMiddleware:
             # The classify route records the variant in the request state only once it is a served one, so the
             # label stays bounded; every other request is "none".
             variant = scope.get("state", {}).get("variant", NO_VARIANT)
-            self.metrics.requests_total.labels(route=template, variant=variant,
-                                               code=str(status_holder["status"])).inc()  # fmt: skip
+            self.metrics.requests_total.labels(route=template, variant=variant, code=str(status_holder["status"])).inc()
             self.metrics.request_duration_seconds.labels(route=template, variant=variant).observe(
                 time.perf_counter() - started
             )
@@ -194,7 +193,7 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
         title="loraserve gateway",
         version=__version__,
         description="Text classification with dynamic batching in front of NVIDIA Triton. Errors always have the "
-        "body {\"error\": str, \"error_type\": str}. Timing headers x-queue-time, x-inference-time and x-total-time "
+        'body {"error": str, "error_type": str}. Timing headers x-queue-time, x-inference-time and x-total-time '
         "are integer milliseconds.",
         lifespan=lifespan,
     )

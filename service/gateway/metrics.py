@@ -13,19 +13,53 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 #: Request latency buckets (seconds): fine below 100 ms, where the SLO lives, then coarse up to a minute.
 REQUEST_DURATION_BUCKETS_SECONDS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 #: Queue-wait buckets (seconds): the wait is normally a few ms (max_wait_seconds) unless the backend is saturated.
 QUEUE_WAIT_BUCKETS_SECONDS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+)
 #: Backend call buckets (seconds).
 BACKEND_DURATION_BUCKETS_SECONDS = REQUEST_DURATION_BUCKETS_SECONDS
 #: Tokenization buckets (seconds): a batch of short texts takes well under a millisecond.
 TOKENIZE_DURATION_BUCKETS_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 #: Batch-size buckets: powers of two, as TEI's batch histogram.
-BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(0, 13))
+BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))
 #: Padded sequence length of a batch (tokens), powers of two.
 BATCH_SEQUENCE_LENGTH_BUCKETS = tuple(float(2**i) for i in range(2, 12))
 
@@ -53,64 +87,87 @@ class GatewayMetrics:
         # ``variant`` is set by the classify route once the variant is known to be served (bounded), else "none";
         # it lets P99 be computed per precision variant from the _bucket series (the autoscaler's SLO guard).
         self.requests_total = Counter(
-            "gateway_requests", "HTTP requests answered, by route template, variant and status code.",
-            ["route", "variant", "code"], registry=r,
-        )  # fmt: skip
+            "gateway_requests",
+            "HTTP requests answered, by route template, variant and status code.",
+            ["route", "variant", "code"],
+            registry=r,
+        )
         self.request_duration_seconds = Histogram(
             "gateway_request_duration_seconds",
             "Time from request arrival to response start, by route template and variant.",
-            ["route", "variant"], buckets=REQUEST_DURATION_BUCKETS_SECONDS, registry=r,
-        )  # fmt: skip
-        self.queue_wait_seconds = Histogram(
-            "gateway_queue_wait_seconds", "Time a text waited in the variant queue before its batch was formed.",
-            ["variant"], buckets=QUEUE_WAIT_BUCKETS_SECONDS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "gateway_batch_size", "Rows per backend call (after dropping dead entries).", ["variant"],
-            buckets=BATCH_SIZE_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_sequence_length = Histogram(
-            "gateway_batch_sequence_length", "Padded sequence length (tokens) of each batch sent to the backend.",
-            ["variant"], buckets=BATCH_SEQUENCE_LENGTH_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.tokenize_duration_seconds = Histogram(
-            "gateway_tokenize_duration_seconds", "Time to tokenize and pad one batch.", ["variant"],
-            buckets=TOKENIZE_DURATION_BUCKETS_SECONDS, registry=r,
-        )  # fmt: skip
-        self.backend_request_duration_seconds = Histogram(
-            "gateway_backend_request_duration_seconds", "Duration of one backend (Triton) call, one per batch.",
-            ["model"], buckets=BACKEND_DURATION_BUCKETS_SECONDS, registry=r,
-        )  # fmt: skip
-        self.backend_errors_total = Counter(
-            "gateway_backend_errors", "Failed backend calls, by model and error_type of the resulting error.",
-            ["model", "status"], registry=r,
-        )  # fmt: skip
-        self.queue_depth = Gauge(
-            "gateway_queue_depth", "Texts waiting in the variant queue.", ["variant"], registry=r
+            ["route", "variant"],
+            buckets=REQUEST_DURATION_BUCKETS_SECONDS,
+            registry=r,
         )
+        self.queue_wait_seconds = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a text waited in the variant queue before its batch was formed.",
+            ["variant"],
+            buckets=QUEUE_WAIT_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "gateway_batch_size",
+            "Rows per backend call (after dropping dead entries).",
+            ["variant"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_sequence_length = Histogram(
+            "gateway_batch_sequence_length",
+            "Padded sequence length (tokens) of each batch sent to the backend.",
+            ["variant"],
+            buckets=BATCH_SEQUENCE_LENGTH_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_duration_seconds = Histogram(
+            "gateway_tokenize_duration_seconds",
+            "Time to tokenize and pad one batch.",
+            ["variant"],
+            buckets=TOKENIZE_DURATION_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.backend_request_duration_seconds = Histogram(
+            "gateway_backend_request_duration_seconds",
+            "Duration of one backend (Triton) call, one per batch.",
+            ["model"],
+            buckets=BACKEND_DURATION_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.backend_errors_total = Counter(
+            "gateway_backend_errors",
+            "Failed backend calls, by model and error_type of the resulting error.",
+            ["model", "status"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("gateway_queue_depth", "Texts waiting in the variant queue.", ["variant"], registry=r)
         self.inflight_batches = Gauge(
             "gateway_inflight_batches", "Batches sent to the backend and not yet answered.", ["variant"], registry=r
         )
         self.requests_rejected_total = Counter(
-            "gateway_requests_rejected", "Texts refused or dropped before inference, by reason.", ["reason"],
+            "gateway_requests_rejected",
+            "Texts refused or dropped before inference, by reason.",
+            ["reason"],
             registry=r,
-        )  # fmt: skip
+        )
         self.build_info = Gauge(
-            "gateway_build_info", "Always 1; the labels carry the gateway version and build commit.",
-            ["version", "git_sha"], registry=r,
-        )  # fmt: skip
+            "gateway_build_info",
+            "Always 1; the labels carry the gateway version and build commit.",
+            ["version", "git_sha"],
+            registry=r,
+        )
         self.build_info.labels(version=version, git_sha=git_sha).set(1)
         # Resource gauges, set by service.gateway.sampler.ResourceSampler in a background thread.
         self.process_cpu_utilization_ratio = Gauge(
             "gateway_process_cpu_utilization_ratio",
             "CPU time of the gateway process per wall-clock second over the last sampling interval (1 = one core).",
             registry=r,
-        )  # fmt: skip
+        )
         self.host_cpu_utilization_ratio = Gauge(
             "gateway_host_cpu_utilization_ratio",
             "Busy fraction of all CPUs the gateway's kernel reports (/proc/stat) over the last sampling interval.",
             registry=r,
-        )  # fmt: skip
+        )
         # GPU gauges are registered by the first GPU sample (set_gpu), so without a GPU not even their HELP/TYPE
         # lines appear: "no GPU" must never look like "idle GPU".
         self.gpu_utilization_ratio: Gauge | None = None
@@ -164,21 +221,30 @@ class GatewayMetrics:
             used_bytes: Memory in use.
             total_bytes: Memory size.
         """
-        if self.gpu_utilization_ratio is None or self.gpu_memory_used_bytes is None or self.gpu_memory_total_bytes is None:
+        if (
+            self.gpu_utilization_ratio is None
+            or self.gpu_memory_used_bytes is None
+            or self.gpu_memory_total_bytes is None
+        ):
             r = self.registry
             self.gpu_utilization_ratio = Gauge(
                 "gateway_gpu_utilization_ratio",
                 "Fraction of the last NVML sample period in which a kernel ran on the GPU. Absent without a GPU.",
-                ["gpu"], registry=r,
-            )  # fmt: skip
+                ["gpu"],
+                registry=r,
+            )
             self.gpu_memory_used_bytes = Gauge(
-                "gateway_gpu_memory_used_bytes", "GPU device memory in use (NVML). Absent without a GPU.", ["gpu"],
+                "gateway_gpu_memory_used_bytes",
+                "GPU device memory in use (NVML). Absent without a GPU.",
+                ["gpu"],
                 registry=r,
-            )  # fmt: skip
+            )
             self.gpu_memory_total_bytes = Gauge(
-                "gateway_gpu_memory_total_bytes", "GPU device memory size (NVML). Absent without a GPU.", ["gpu"],
+                "gateway_gpu_memory_total_bytes",
+                "GPU device memory size (NVML). Absent without a GPU.",
+                ["gpu"],
                 registry=r,
-            )  # fmt: skip
+            )
         self.gpu_utilization_ratio.labels(gpu=index).set(utilization_ratio)
         self.gpu_memory_used_bytes.labels(gpu=index).set(used_bytes)
         self.gpu_memory_total_bytes.labels(gpu=index).set(total_bytes)

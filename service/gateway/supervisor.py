@@ -88,8 +88,9 @@ class TritonSupervisor:
         """
         server = TritonServer(self._config).start()
         # Every restart reuses these ports: the gateway's client keeps its URL and reconnects by itself.
-        http, grpc, metrics = (int(u.rsplit(":", 1)[1].split("/")[0]) for u in
-                               (server.http_url, server.grpc_url, server.metrics_url))  # fmt: skip
+        http, grpc, metrics = (
+            int(u.rsplit(":", 1)[1].split("/")[0]) for u in (server.http_url, server.grpc_url, server.metrics_url)
+        )
         self._config = dataclasses.replace(self._config, http_port=http, grpc_port=grpc, metrics_port=metrics)
         self._server = server
         self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
@@ -121,16 +122,18 @@ class TritonSupervisor:
                         new = TritonServer(self._config).start()
                         self._server = new
                 except TritonStartError as exc:
-                    logger.error("restarting tritonserver failed (next try in %.1f s): %s", backoff,
-                                 str(exc).splitlines()[0])  # fmt: skip
+                    logger.error(
+                        "restarting tritonserver failed (next try in %.1f s): %s", backoff, str(exc).splitlines()[0]
+                    )
                     if self._stopping.wait(backoff):
                         return
                     backoff = min(self._max_backoff, backoff * 2)
                     continue
                 event = Restart(old_pid=server.pid, pid=new.pid, down_seconds=time.monotonic() - noticed)
                 self.restarts.append(event)
-                logger.warning("embedded tritonserver restarted (pid %s) %.1f s after it exited", new.pid,
-                               event.down_seconds)  # fmt: skip
+                logger.warning(
+                    "embedded tritonserver restarted (pid %s) %.1f s after it exited", new.pid, event.down_seconds
+                )
                 if self._on_restart is not None:
                     self._on_restart(event)
                 break

@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .config import BuildConfig, DataConfig, EvalConfig, QuantizeConfig, TrainConfig  # noqa: E402
-from .errors import PrepError  # noqa: E402
+from .config import BuildConfig, DataConfig, EvalConfig, QuantizeConfig, TrainConfig
+from .errors import PrepError
 
 DESCRIPTION = """\
 Fine-tune a pretrained encoder on labeled text (LoRA, layered freezing or full), merge it, export ONNX
@@ -42,8 +42,12 @@ exit codes: 0 ok, 2 bad input or configuration (one clear message on stderr), 1 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="trec", choices=["trec", "sms_spam", "file"],
-                   help="built-in data set, or 'file' for your own CSV/JSONL (default: trec)")
+    g.add_argument(
+        "--dataset",
+        default="trec",
+        choices=["trec", "sms_spam", "file"],
+        help="built-in data set, or 'file' for your own CSV/JSONL (default: trec)",
+    )
     g.add_argument("--train-path", type=Path, help="CSV/TSV/JSONL with text and label columns (with --dataset file)")
     g.add_argument("--validation-path", type=Path, help="optional separate validation file")
     g.add_argument("--test-path", type=Path, help="optional separate test file; its labels must occur in training")
@@ -57,19 +61,31 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--method", default="lora", choices=["lora", "layered", "full"],
-                   help="lora: adapters beside frozen weights; layered: freeze lower layers, tune upper attention "
-                        "+ head; full: every weight (baseline). Default: lora")
+    g.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "layered", "full"],
+        help="lora: adapters beside frozen weights; layered: freeze lower layers, tune upper attention "
+        "+ head; full: every weight (baseline). Default: lora",
+    )
     g.add_argument("--base-model", type=Path, help="a local BERT-style model dir (default: the packaged MiniLM-L6)")
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r (default 16)")
     g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha; updates scale by alpha/r (default 32)")
     g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapter input (default 0.1)")
     g.add_argument("--lora-targets", default="query,key,value", help="comma-separated module names to adapt")
-    g.add_argument("--no-train-pooler", dest="train_pooler", action="store_false",
-                   help="lora: keep the [CLS] pooler frozen (by default it is trained fully, as peft modules_to_save: "
-                        "+0.6%% of the weights, +0.7 points validation accuracy on TREC)")
-    g.add_argument("--freeze-layers", type=int, default=None,
-                   help="freeze this many lower encoder layers (layered; with lora: adapters only above them)")
+    g.add_argument(
+        "--no-train-pooler",
+        dest="train_pooler",
+        action="store_false",
+        help="lora: keep the [CLS] pooler frozen (by default it is trained fully, as peft modules_to_save: "
+        "+0.6%% of the weights, +0.7 points validation accuracy on TREC)",
+    )
+    g.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=None,
+        help="freeze this many lower encoder layers (layered; with lora: adapters only above them)",
+    )
     g.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
@@ -79,20 +95,36 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 def _add_variant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("variants")
-    g.add_argument("--int8-mode", default="dynamic", choices=["dynamic", "static"],
-                   help="served INT8 recipe: dynamic (run-time activation scales) or static (calibrated QDQ)")
+    g.add_argument(
+        "--int8-mode",
+        default="dynamic",
+        choices=["dynamic", "static"],
+        help="served INT8 recipe: dynamic (run-time activation scales) or static (calibrated QDQ)",
+    )
     g.add_argument("--int8-per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
     g.add_argument("--int8-asymmetric-weights", action="store_true", help="asymmetric [0,255] weights")
-    g.add_argument("--int8-symmetric-activations", action="store_true",
-                   help="static mode: symmetric INT8 activations instead of asymmetric UINT8")
+    g.add_argument(
+        "--int8-symmetric-activations",
+        action="store_true",
+        help="static mode: symmetric INT8 activations instead of asymmetric UINT8",
+    )
     g.add_argument("--calibration-samples", type=int, default=256, help="static mode: calibration texts")
-    g.add_argument("--compress", action="store_true",
-                   help="also build pruned, distilled (3 of 6 layers) and distilled+pruned(+INT8) variants and add "
-                        "them to the report (adds a few minutes)")
-    g.add_argument("--publish-compressed", action="store_true",
-                   help="with --compress: publish distilled+pruned INT8 as classifier_small_int8")
-    g.add_argument("--no-report-variants", action="store_true",
-                   help="skip the extra INT8 recipes that are measured for the report only")
+    g.add_argument(
+        "--compress",
+        action="store_true",
+        help="also build pruned, distilled (3 of 6 layers) and distilled+pruned(+INT8) variants and add "
+        "them to the report (adds a few minutes)",
+    )
+    g.add_argument(
+        "--publish-compressed",
+        action="store_true",
+        help="with --compress: publish distilled+pruned INT8 as classifier_small_int8",
+    )
+    g.add_argument(
+        "--no-report-variants",
+        action="store_true",
+        help="skip the extra INT8 recipes that are measured for the report only",
+    )
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -100,8 +132,11 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-sizes", default="1,8,32", help="throughput batch sizes (default 1,8,32)")
     g.add_argument("--repeats", type=int, default=5, help="timed runs per batch size; the median is reported")
     g.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
-    g.add_argument("--no-compare-methods", action="store_true",
-                   help="skip timing the other fine-tuning methods (trainable params, s/epoch)")
+    g.add_argument(
+        "--no-compare-methods",
+        action="store_true",
+        help="skip timing the other fine-tuning methods (trainable params, s/epoch)",
+    )
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -115,13 +150,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.modelprep", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m service.modelprep",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("build", help="train -> merge -> export -> variants -> evaluate -> publish (cached)",
-                       description="Run or resume the whole pipeline and publish the served variants.",
-                       formatter_class=_HelpFormatter)
+    b = sub.add_parser(
+        "build",
+        help="train -> merge -> export -> variants -> evaluate -> publish (cached)",
+        description="Run or resume the whole pipeline and publish the served variants.",
+        formatter_class=_HelpFormatter,
+    )
     _add_data_args(b)
     _add_train_args(b)
     _add_variant_args(b)
@@ -133,20 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--served", default="int8,fp16", help="precisions published to the repository")
     g.add_argument("--report-dir", type=Path, help="report output (default: <workdir>/report)")
     g.add_argument("--force", action="store_true", help="rebuild every stage even if up to date")
-    g.add_argument("--preset", choices=["default", "tiny"], default="default",
-                   help="tiny: ~20 s build on a data subset, for tests and smoke runs (not for serving)")
+    g.add_argument(
+        "--preset",
+        choices=["default", "tiny"],
+        default="default",
+        help="tiny: ~20 s build on a data subset, for tests and smoke runs (not for serving)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    t = sub.add_parser("train", help="fine-tune only, and print trainable parameters and validation accuracy",
-                       formatter_class=_HelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="fine-tune only, and print trainable parameters and validation accuracy",
+        formatter_class=_HelpFormatter,
+    )
     _add_data_args(t)
     _add_train_args(t)
     t.add_argument("--output", type=Path, required=True, help="output directory")
 
-    sr = sub.add_parser("search", help="try fine-tuning recipes (freezing, LoRA rank/targets) under a time budget",
-                        description="Train each candidate recipe for an equal share of the budget and rank them on "
-                                    "validation accuracy; prints the best recipe and every candidate's cost.",
-                        formatter_class=_HelpFormatter)
+    sr = sub.add_parser(
+        "search",
+        help="try fine-tuning recipes (freezing, LoRA rank/targets) under a time budget",
+        description="Train each candidate recipe for an equal share of the budget and rank them on "
+        "validation accuracy; prints the best recipe and every candidate's cost.",
+        formatter_class=_HelpFormatter,
+    )
     _add_data_args(sr)
     sr.add_argument("--budget-seconds", type=float, default=600.0, help="total training time for all candidates")
     sr.add_argument("--epochs", type=int, default=3, help="epochs per candidate (the time share may stop it first)")
@@ -155,25 +207,42 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="load and split the data, print sizes and class counts (validates your file)")
     _add_data_args(d)
 
-    e = sub.add_parser("evaluate", help="print the Markdown report of a finished build",
-                       description="Print the Markdown tables of <workdir>/report (after build).")
+    e = sub.add_parser(
+        "evaluate",
+        help="print the Markdown report of a finished build",
+        description="Print the Markdown tables of <workdir>/report (after build).",
+    )
     e.add_argument("--workdir", type=Path, default=Path("artifacts/default"))
     return parser
 
 
 def data_config(a: argparse.Namespace) -> DataConfig:
     return DataConfig(
-        dataset=a.dataset, train_path=a.train_path, validation_path=a.validation_path, test_path=a.test_path,
-        text_column=a.text_column, label_column=a.label_column, validation_fraction=a.validation_fraction,
-        test_fraction=a.test_fraction, seed=a.seed, max_train_samples=a.max_train_samples,
+        dataset=a.dataset,
+        train_path=a.train_path,
+        validation_path=a.validation_path,
+        test_path=a.test_path,
+        text_column=a.text_column,
+        label_column=a.label_column,
+        validation_fraction=a.validation_fraction,
+        test_fraction=a.test_fraction,
+        seed=a.seed,
+        max_train_samples=a.max_train_samples,
     )
 
 
 def train_config(a: argparse.Namespace) -> TrainConfig:
     kw = dict(
-        base_model=a.base_model, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+        base_model=a.base_model,
+        lora_r=a.lora_r,
+        lora_alpha=a.lora_alpha,
+        lora_dropout=a.lora_dropout,
         lora_targets=tuple(x.strip() for x in a.lora_targets.split(",") if x.strip()),
-        max_steps=a.max_steps, batch_size=a.batch_size, train_pooler=a.train_pooler, max_length=a.max_length, seed=a.seed,
+        max_steps=a.max_steps,
+        batch_size=a.batch_size,
+        train_pooler=a.train_pooler,
+        max_length=a.max_length,
+        seed=a.seed,
     )
     if a.epochs is not None:
         kw["epochs"] = a.epochs
@@ -198,14 +267,22 @@ def _ints(s: str) -> tuple[int, ...]:
 def build_config(a: argparse.Namespace) -> BuildConfig:
     served = tuple(x.strip() for x in a.served.split(",") if x.strip())
     if a.preset == "tiny":
-        cfg = BuildConfig.tiny(workdir=a.workdir, repository=a.repository, model_version=a.model_version,
-                               served_variants=served, report_dir=a.report_dir)
+        cfg = BuildConfig.tiny(
+            workdir=a.workdir,
+            repository=a.repository,
+            model_version=a.model_version,
+            served_variants=served,
+            report_dir=a.report_dir,
+        )
         cfg.data = data_config(a)
         cfg.data.max_train_samples = a.max_train_samples or 240
         return cfg
     int8 = QuantizeConfig(
-        mode=a.int8_mode, per_channel=not a.int8_per_tensor, weight_symmetric=not a.int8_asymmetric_weights,
-        activation_symmetric=a.int8_symmetric_activations, calibration_samples=a.calibration_samples,
+        mode=a.int8_mode,
+        per_channel=not a.int8_per_tensor,
+        weight_symmetric=not a.int8_asymmetric_weights,
+        activation_symmetric=a.int8_symmetric_activations,
+        calibration_samples=a.calibration_samples,
     )
     kw = {}
     if a.compress or a.publish_compressed:
@@ -244,13 +321,18 @@ def main(argv: list[str] | None = None) -> int:
 
             data = load_dataset(data_config(args))
             res = train(train_config(args), data, args.output)
-            print(json.dumps({
-                "output": str(res.output_dir),
-                "trainable_parameters": res.trainable_parameters,
-                "trainable_fraction": res.trainable_parameters / res.total_parameters,
-                "best_validation_accuracy": res.best_validation_accuracy,
-                "epoch_seconds": res.epoch_seconds,
-            }, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "output": str(res.output_dir),
+                        "trainable_parameters": res.trainable_parameters,
+                        "trainable_fraction": res.trainable_parameters / res.total_parameters,
+                        "best_validation_accuracy": res.best_validation_accuracy,
+                        "epoch_seconds": res.epoch_seconds,
+                    },
+                    indent=2,
+                )
+            )
             return 0
         if args.command == "search":
             from .data import load_dataset
@@ -258,11 +340,12 @@ def main(argv: list[str] | None = None) -> int:
 
             data = load_dataset(data_config(args))
             cands = default_candidates(TrainConfig(epochs=args.epochs, seed=args.seed))
-            res = search_recipes(SearchConfig(budget_seconds=args.budget_seconds, candidates=cands), data,
-                                 args.output)
+            res = search_recipes(SearchConfig(budget_seconds=args.budget_seconds, candidates=cands), data, args.output)
             for r in res["candidates"]:
-                print(f"  {r['validation_accuracy']:.4f}  {r['seconds']:6.0f} s  "
-                      f"{100 * r['trainable_fraction']:5.2f}% trainable  {r['recipe']}")
+                print(
+                    f"  {r['validation_accuracy']:.4f}  {r['seconds']:6.0f} s  "
+                    f"{100 * r['trainable_fraction']:5.2f}% trainable  {r['recipe']}"
+                )
             print(f"best: {res['best']['recipe']} (written to {args.output})")
             return 0
         if args.command == "evaluate":

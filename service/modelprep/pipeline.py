@@ -12,9 +12,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .config import BuildConfig, QuantizeConfig, TrainConfig, config_hash, config_to_dict
 from .data import Dataset, load_dataset
@@ -78,16 +78,24 @@ def compare_methods(cfg: BuildConfig, data: Dataset, trained: dict, steps: int =
     out = []
     for method in ("lora", "layered", "full"):
         if method == cfg.train.method and cfg.train.freeze_layers == 0:
-            out.append({
-                "method": method,
-                "trainable_parameters": trained["trainable_parameters"],
-                "trainable_fraction": trained["trainable_parameters"] / trained["total_parameters"],
-                "epoch_seconds": statistics.median(trained["epoch_seconds"]),
-                "how": f"median of {len(trained['epoch_seconds'])} full epoch(s) of the served build",
-            })
+            out.append(
+                {
+                    "method": method,
+                    "trainable_parameters": trained["trainable_parameters"],
+                    "trainable_fraction": trained["trainable_parameters"] / trained["total_parameters"],
+                    "epoch_seconds": statistics.median(trained["epoch_seconds"]),
+                    "how": f"median of {len(trained['epoch_seconds'])} full epoch(s) of the served build",
+                }
+            )
             continue
-        common = dict(epochs=1, max_steps=steps, batch_size=cfg.train.batch_size, max_length=cfg.train.max_length,
-                      seed=cfg.train.seed, base_model=cfg.train.base_model)
+        common = dict(
+            epochs=1,
+            max_steps=steps,
+            batch_size=cfg.train.batch_size,
+            max_length=cfg.train.max_length,
+            seed=cfg.train.seed,
+            base_model=cfg.train.base_model,
+        )
         tcfg = {
             "lora": lambda: TrainConfig.lora(**common),
             "layered": lambda: TrainConfig.layered(freeze_layers=4, **common),
@@ -96,13 +104,15 @@ def compare_methods(cfg: BuildConfig, data: Dataset, trained: dict, steps: int =
         with tempfile.TemporaryDirectory() as tmp:
             _say(f"timing {method} fine-tuning over {steps} steps")
             res = train(tcfg, data, Path(tmp), progress=True)
-        out.append({
-            "method": method + (" (freeze 4 of 6 layers, tune upper attention)" if method == "layered" else ""),
-            "trainable_parameters": res.trainable_parameters,
-            "trainable_fraction": res.trainable_parameters / res.total_parameters,
-            "epoch_seconds": res.epoch_seconds[0],
-            "how": f"{steps} steps timed, extrapolated to one epoch",
-        })
+        out.append(
+            {
+                "method": method + (" (freeze 4 of 6 layers, tune upper attention)" if method == "layered" else ""),
+                "trainable_parameters": res.trainable_parameters,
+                "trainable_fraction": res.trainable_parameters / res.total_parameters,
+                "epoch_seconds": res.epoch_seconds[0],
+                "how": f"{steps} steps timed, extrapolated to one epoch",
+            }
+        )
     return out
 
 
@@ -131,8 +141,10 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
     stages = _Stages(workdir, force)
 
     data = load_dataset(cfg.data)
-    _say(f"data {data.name}: {len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test, "
-         f"{len(data.label_names)} labels")
+    _say(
+        f"data {data.name}: {len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test, "
+        f"{len(data.label_names)} labels"
+    )
     k_train = config_hash(cfg.data, cfg.train, data.data_hash)
     train_dir = stages.run("train", k_train, lambda d: train(cfg.train, data, d, progress=progress))
     trained = json.loads((train_dir / "train.json").read_text())
@@ -144,8 +156,9 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
     max_length = int(merge_meta["max_length"])
 
     k_export = config_hash(k_merge, cfg.export)
-    onnx_dir = stages.run("onnx", k_export,
-                          lambda d: export_onnx(cfg.export, merged_dir, d / "fp32.onnx", parity_texts))
+    onnx_dir = stages.run(
+        "onnx", k_export, lambda d: export_onnx(cfg.export, merged_dir, d / "fp32.onnx", parity_texts)
+    )
     fp32_path = onnx_dir / "fp32.onnx"
     export_meta = json.loads(fp32_path.with_suffix(".json").read_text())
 
@@ -166,18 +179,31 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
     for name, q in int8_recipes:
         k_q = config_hash(k_export, q)
         _say(f"quantizing {name} ({q.tag})")
-        dq = stages.run(f"int8/{q.tag}", k_q, lambda d, q=q: quantize_int8(
-            q, fp32_path, d / "model.onnx", tokenizer=tokenizer, calibration_texts=calib, max_length=max_length))
+        dq = stages.run(
+            f"int8/{q.tag}",
+            k_q,
+            lambda d, q=q: quantize_int8(
+                q, fp32_path, d / "model.onnx", tokenizer=tokenizer, calibration_texts=calib, max_length=max_length
+            ),
+        )
         variant_paths[name if name == "int8" else q.tag] = dq / "model.onnx"
 
     compressed_meta: dict[str, dict] = {}
     if cfg.compress is not None:
-        compressed_meta = _build_compressed(cfg, stages, data, merged_dir, k_merge, parity_texts, tokenizer,
-                                            max_length, variant_paths, progress)
+        compressed_meta = _build_compressed(
+            cfg, stages, data, merged_dir, k_merge, parity_texts, tokenizer, max_length, variant_paths, progress
+        )
 
     # evaluation: cached too (throughput measurement takes minutes)
-    k_eval = config_hash(k_export, k_fp16, [config_hash(k_export, q) for _, q in int8_recipes], cfg.evaluate,
-                         cfg.served_variants, cfg.compare_methods, cfg.compress)
+    k_eval = config_hash(
+        k_export,
+        k_fp16,
+        [config_hash(k_export, q) for _, q in int8_recipes],
+        cfg.evaluate,
+        cfg.served_variants,
+        cfg.compare_methods,
+        cfg.compress,
+    )
     report_holder: dict = {}
 
     def do_eval(d: Path) -> None:
@@ -190,9 +216,17 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
         texts, gold = data.test.texts, data.test.labels
         for name, path in variant_paths.items():
             _say(f"evaluating {name}")
-            row, logits, sessions[name] = evaluate_variant(name, path, tokenizer, texts, gold,
-                                                           len(data.label_names), max_length, cfg.evaluate,
-                                                           reference_logits=ref)  # fmt: skip
+            row, logits, sessions[name] = evaluate_variant(
+                name,
+                path,
+                tokenizer,
+                texts,
+                gold,
+                len(data.label_names),
+                max_length,
+                cfg.evaluate,
+                reference_logits=ref,
+            )
             if name == "fp32":
                 ref = logits
             row.served = name in cfg.served_variants
@@ -261,8 +295,13 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
                 pass
         _say(f"publishing {name} version {cfg.model_version} into {cfg.repository}")
         published[variant] = publish_variant(
-            variant, variant_paths[variant], merged_dir / "tokenizer", data.label_names, max_length,
-            cfg.repository, cfg.model_version,
+            variant,
+            variant_paths[variant],
+            merged_dir / "tokenizer",
+            data.label_names,
+            max_length,
+            cfg.repository,
+            cfg.model_version,
             {
                 "build_key": build_key,
                 "config": config_to_dict(cfg),
@@ -277,10 +316,20 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
     if cfg.compress is not None and cfg.compress.publish and "distilled-pruned-int8" in variant_paths:
         name = "small_int8"
         vdir = publish_variant(
-            name, variant_paths["distilled-pruned-int8"], merged_dir / "tokenizer", data.label_names, max_length,
-            cfg.repository, cfg.model_version,
-            {"build_key": config_hash(k_eval, name), "config": config_to_dict(cfg), "data_hash": data.data_hash,
-             "metrics": by_name.get("distilled-pruned-int8"), "compression": compressed_meta.get("distilled-pruned")},
+            name,
+            variant_paths["distilled-pruned-int8"],
+            merged_dir / "tokenizer",
+            data.label_names,
+            max_length,
+            cfg.repository,
+            cfg.model_version,
+            {
+                "build_key": config_hash(k_eval, name),
+                "config": config_to_dict(cfg),
+                "data_hash": data.data_hash,
+                "metrics": by_name.get("distilled-pruned-int8"),
+                "compression": compressed_meta.get("distilled-pruned"),
+            },
         )
         published[name] = vdir
     report["build_seconds"] = time.perf_counter() - t_start
@@ -292,9 +341,18 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> Bu
     return BuildResult(workdir, report_path, published, report, stages.reused)
 
 
-def _build_compressed(cfg: BuildConfig, stages: _Stages, data: Dataset, merged_dir: Path, k_merge: str,
-                      parity_texts: list[str], tokenizer, max_length: int, variant_paths: dict[str, Path],
-                      progress: bool) -> dict[str, dict]:
+def _build_compressed(
+    cfg: BuildConfig,
+    stages: _Stages,
+    data: Dataset,
+    merged_dir: Path,
+    k_merge: str,
+    parity_texts: list[str],
+    tokenizer,
+    max_length: int,
+    variant_paths: dict[str, Path],
+    progress: bool,
+) -> dict[str, dict]:
     """Pruned, distilled, distilled+pruned (each FP32 and INT8) and sparse variants; adds them to ``variant_paths``."""
     from .compress import distill, magnitude_prune, structured_prune
     from .export import export_onnx
@@ -317,34 +375,54 @@ def _build_compressed(cfg: BuildConfig, stages: _Stages, data: Dataset, merged_d
         return d
 
     def int8_stage(name: str, source: Path, key: str) -> None:
-        d = stages.run(f"compress/{name}", config_hash(key, cc.int8), lambda d: quantize_int8(
-            cc.int8, source, d / "model.onnx", tokenizer=tokenizer, calibration_texts=data.train.texts,
-            max_length=max_length))
+        d = stages.run(
+            f"compress/{name}",
+            config_hash(key, cc.int8),
+            lambda d: quantize_int8(
+                cc.int8,
+                source,
+                d / "model.onnx",
+                tokenizer=tokenizer,
+                calibration_texts=data.train.texts,
+                max_length=max_length,
+            ),
+        )
         variant_paths[name] = d / "model.onnx"
 
     k_pruned = config_hash(k_merge, cc.prune)
-    pd = model_stage("pruned", k_pruned,
-                     lambda out: structured_prune(cc.prune, merged_dir, data, out, progress=progress))
-    meta["pruned"]["note"] = (f"FFN neurons kept: {meta['pruned']['intermediate_size'][1]} of "
-                              f"{meta['pruned']['intermediate_size'][0]} per layer, "
-                              f"{100 * meta['pruned']['removed_fraction']:.0f}% of parameters removed")
+    pd = model_stage(
+        "pruned", k_pruned, lambda out: structured_prune(cc.prune, merged_dir, data, out, progress=progress)
+    )
+    meta["pruned"]["note"] = (
+        f"FFN neurons kept: {meta['pruned']['intermediate_size'][1]} of "
+        f"{meta['pruned']['intermediate_size'][0]} per layer, "
+        f"{100 * meta['pruned']['removed_fraction']:.0f}% of parameters removed"
+    )
     int8_stage("pruned-int8", pd / "model.onnx", k_pruned)
     k_dist = config_hash(k_merge, cc.distill)
     dd = model_stage("distilled", k_dist, lambda out: distill(cc.distill, merged_dir, data, out, progress=progress))
     meta["distilled"]["note"] = f"student keeps layers {list(cc.distill.student_layers)} of the teacher"
     int8_stage("distilled-int8", dd / "model.onnx", k_dist)
     k_dp = config_hash(k_dist, cc.prune_student)
-    dp = model_stage("distilled-pruned", k_dp,
-                     lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=progress))
+    dp = model_stage(
+        "distilled-pruned",
+        k_dp,
+        lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=progress),
+    )
     meta["distilled-pruned"]["note"] = (
         f"distilled student, then FFN {meta['distilled-pruned']['intermediate_size'][1]}/"
-        f"{meta['distilled-pruned']['intermediate_size'][0]} neurons")
+        f"{meta['distilled-pruned']['intermediate_size'][0]} neurons"
+    )
     int8_stage("distilled-pruned-int8", dp / "model.onnx", k_dp)
     if cc.magnitude is not None:
-        model_stage("sparse", config_hash(k_merge, cc.magnitude),
-                    lambda out: magnitude_prune(cc.magnitude, merged_dir, data, out, progress=progress))
-        meta["sparse"]["note"] = (f"{100 * meta['sparse']['sparsity']:.0f}% of encoder weights are zero; dense "
-                                  "kernels gain no speed from it")
+        model_stage(
+            "sparse",
+            config_hash(k_merge, cc.magnitude),
+            lambda out: magnitude_prune(cc.magnitude, merged_dir, data, out, progress=progress),
+        )
+        meta["sparse"]["note"] = (
+            f"{100 * meta['sparse']['sparsity']:.0f}% of encoder weights are zero; dense kernels gain no speed from it"
+        )
     return meta
 
 
@@ -355,11 +433,13 @@ def check_targets(report: dict) -> list[dict]:
     fp32 = rows.get("fp32")
     if not fp32:
         return out
-    out.append({
-        "what": "merged FP32 test accuracy >= 0.95",
-        "ok": fp32["accuracy"] >= 0.95,
-        "detail": f"{fp32['accuracy']:.4f}",
-    })
+    out.append(
+        {
+            "what": "merged FP32 test accuracy >= 0.95",
+            "ok": fp32["accuracy"] >= 0.95,
+            "detail": f"{fp32['accuracy']:.4f}",
+        }
+    )
     if "int8" in rows:
         d = (rows["int8"]["accuracy"] - fp32["accuracy"]) * 100
         out.append({"what": "served INT8 within 0.5 points of FP32", "ok": d >= -0.5, "detail": f"{d:+.2f} points"})
@@ -367,9 +447,14 @@ def check_targets(report: dict) -> list[dict]:
         if tp["throughput"] and tp["batch_sizes"]:
             b = str(max(tp["batch_sizes"]))
             ratio = rows["int8"]["throughput"][b] / fp32["throughput"][b]
-            out.append({"what": f"served INT8 >= 1.4x FP32 throughput at batch {b}", "ok": ratio >= 1.4,
-                        "detail": f"{ratio:.2f}x ({rows['int8']['throughput'][b]:.0f} vs "
-                                  f"{fp32['throughput'][b]:.0f} seq/s)"})
+            out.append(
+                {
+                    "what": f"served INT8 >= 1.4x FP32 throughput at batch {b}",
+                    "ok": ratio >= 1.4,
+                    "detail": f"{ratio:.2f}x ({rows['int8']['throughput'][b]:.0f} vs "
+                    f"{fp32['throughput'][b]:.0f} seq/s)",
+                }
+            )
     if "fp16" in rows:
         d = (rows["fp16"]["accuracy"] - fp32["accuracy"]) * 100
         out.append({"what": "FP16 within 0.1 points of FP32", "ok": abs(d) <= 0.1, "detail": f"{d:+.2f} points"})
@@ -384,10 +469,13 @@ def check_targets(report: dict) -> list[dict]:
             speed = r["throughput"][b] / base
             if loss <= 1.5 and (best is None or speed > best[1]):
                 best = (r["name"], speed, loss)
-        out.append({
-            "what": f"a compressed variant >= 2x the full model's INT8 throughput (batch {b}) losing <= 1.5 points",
-            "ok": best is not None and best[1] >= 2.0,
-            "detail": "no compressed variant within 1.5 points" if best is None else
-                      f"{best[0]}: {best[1]:.2f}x INT8 throughput, {best[2]:+.2f} points lost vs FP32",
-        })
+        out.append(
+            {
+                "what": f"a compressed variant >= 2x the full model's INT8 throughput (batch {b}) losing <= 1.5 points",
+                "ok": best is not None and best[1] >= 2.0,
+                "detail": "no compressed variant within 1.5 points"
+                if best is None
+                else f"{best[0]}: {best[1]:.2f}x INT8 throughput, {best[2]:+.2f} points lost vs FP32",
+            }
+        )
     return out

@@ -24,8 +24,7 @@ def model_name(variant: str) -> str:
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -61,8 +60,9 @@ def publish_variant(
             if not base.is_file():
                 raise PrepError(f"no Triton config for {name}: expected {template} or {base}")
             text = base.read_text().replace(f'name: "{model_name("int8")}"', f'name: "{name}"')
-            config.write_text(f"# Derived from {model_name('int8')}/config.pbtxt by service.modelprep.publish.\n"
-                              + text)
+            config.write_text(
+                f"# Derived from {model_name('int8')}/config.pbtxt by service.modelprep.publish.\n" + text
+            )
     if not BACKEND_MODEL.is_file():
         raise PrepError(f"missing the Triton python-backend model code {BACKEND_MODEL}")
     vdir = model_dir / str(version)
@@ -77,14 +77,19 @@ def publish_variant(
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     if not (tmp / "tokenizer.json").is_file():
         raise PrepError(f"{tokenizer_dir} has no tokenizer.json (a fast tokenizer is required)")
-    (tmp / "labels.json").write_text(json.dumps(
-        {"labels": labels, "max_length": max_length, "variant": variant, "model_name": name, "version": version},
-        indent=2,
-    ))
-    (tmp / "provenance.json").write_text(json.dumps(
-        {"published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(), **provenance},
-        indent=2, default=str,
-    ))
+    (tmp / "labels.json").write_text(
+        json.dumps(
+            {"labels": labels, "max_length": max_length, "variant": variant, "model_name": name, "version": version},
+            indent=2,
+        )
+    )
+    (tmp / "provenance.json").write_text(
+        json.dumps(
+            {"published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(), **provenance},
+            indent=2,
+            default=str,
+        )
+    )
     # swap in atomically enough for a directory: a running Triton never sees a half-written version
     if vdir.exists():
         shutil.rmtree(vdir)

@@ -60,7 +60,9 @@ def _nodes_to_exclude(model_path: Path, cfg: QuantizeConfig) -> list[str]:
     inits = {i.name for i in model.graph.initializer}
     # weights can also reach a MatMul through a Transpose/Identity of an initializer
     const_outputs = {
-        o for n in model.graph.node if n.op_type in ("Constant",) or (n.input and all(i in inits for i in n.input))
+        o
+        for n in model.graph.node
+        if n.op_type in ("Constant",) or (n.input and all(i in inits for i in n.input))
         for o in n.output
     }
     weights = inits | const_outputs
@@ -68,9 +70,7 @@ def _nodes_to_exclude(model_path: Path, cfg: QuantizeConfig) -> list[str]:
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm"):
             continue
-        if cfg.exclude_attention_matmuls and n.op_type == "MatMul" and not any(i in weights for i in n.input):
-            out.append(n.name)
-        elif cfg.exclude_classifier and ("classifier" in n.name or any("classifier" in i for i in n.input)):
+        if cfg.exclude_attention_matmuls and n.op_type == "MatMul" and not any(i in weights for i in n.input) or cfg.exclude_classifier and ("classifier" in n.name or any("classifier" in i for i in n.input)):
             out.append(n.name)
     return out
 
@@ -83,12 +83,15 @@ class _Calibration:
 
         self._batches = []
         for s in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[s : s + batch_size], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="np")
-            self._batches.append({
-                "input_ids": enc["input_ids"].astype(np.int64),
-                "attention_mask": enc["attention_mask"].astype(np.int64),
-            })
+            enc = tokenizer(
+                texts[s : s + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np"
+            )
+            self._batches.append(
+                {
+                    "input_ids": enc["input_ids"].astype(np.int64),
+                    "attention_mask": enc["attention_mask"].astype(np.int64),
+                }
+            )
         self._bar = tqdm(total=len(self._batches), desc="calibration", unit="batch")
         self._it = iter(self._batches)
 
@@ -141,7 +144,8 @@ def quantize_int8(
         extra = {"WeightSymmetric": cfg.weight_symmetric}
         if cfg.mode == "dynamic":
             quantize_dynamic(
-                str(pre), str(output_path),
+                str(pre),
+                str(output_path),
                 per_channel=cfg.per_channel,
                 reduce_range=cfg.reduce_range,
                 weight_type=weight_type,
@@ -160,7 +164,8 @@ def quantize_int8(
             }[cfg.calibration_method]
             extra["ActivationSymmetric"] = cfg.activation_symmetric
             quantize_static(
-                str(pre), str(output_path),
+                str(pre),
+                str(output_path),
                 _Calibration(tokenizer, texts, max_length),
                 quant_format=QuantFormat.QDQ,
                 per_channel=cfg.per_channel,

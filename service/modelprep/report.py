@@ -37,8 +37,16 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     bss = report["evaluate"]["batch_sizes"] if report["evaluate"]["throughput"] else []
-    head = ["variant", "served", "size", "accuracy", "macro-F1", "Δacc vs FP32 (pts)", "agree w/ FP32",
-            "max |Δlogit|"] + [f"seq/s b{b}" for b in bss]
+    head = [
+        "variant",
+        "served",
+        "size",
+        "accuracy",
+        "macro-F1",
+        "Δacc vs FP32 (pts)",
+        "agree w/ FP32",
+        "max |Δlogit|",
+    ] + [f"seq/s b{b}" for b in bss]
     if bss:
         head.append(f"× FP32 b{bss[-1]}")
     lines.append("| " + " | ".join(head) + " |")
@@ -48,8 +56,12 @@ def render_markdown(report: dict) -> str:
     for r in rows:
         d = (r["accuracy"] - fp32["accuracy"]) * 100 if fp32 else 0.0
         cells = [
-            r["name"], "yes" if r["served"] else "", _fmt_size(r["size_bytes"]), f"{r['accuracy']:.4f}",
-            f"{r['macro_f1']:.4f}", f"{d:+.2f}",
+            r["name"],
+            "yes" if r["served"] else "",
+            _fmt_size(r["size_bytes"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['macro_f1']:.4f}",
+            f"{d:+.2f}",
             "" if r["agreement_with_fp32"] is None else f"{r['agreement_with_fp32']:.4f}",
             "" if r["max_abs_logit_diff_vs_fp32"] is None else f"{r['max_abs_logit_diff_vs_fp32']:.3g}",
         ]
@@ -88,8 +100,13 @@ def render_markdown(report: dict) -> str:
     st = report.get("stage_seconds") or {}
     if st:
         reused = set(report.get("reused_stages") or [])
-        lines += ["", "## Build time per stage (seconds, when the stage was built)", "",
-                  "| stage | seconds | this run |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Build time per stage (seconds, when the stage was built)",
+            "",
+            "| stage | seconds | this run |",
+            "|---|---|---|",
+        ]
         for k, v in st.items():
             lines.append(f"| {k} | {v:.0f} | {'reused' if k in reused else 'built'} |")
         lines.append(f"| **sum** | **{sum(st.values()):.0f}** | |")

@@ -19,8 +19,13 @@ from .data import Dataset
 
 def default_candidates(base: TrainConfig) -> tuple[TrainConfig, ...]:
     """LoRA ranks and targets, LoRA above frozen layers, and layered freezing at two depths."""
-    common = dict(batch_size=base.batch_size, max_length=base.max_length, seed=base.seed, base_model=base.base_model,
-                  epochs=base.epochs)
+    common = dict(
+        batch_size=base.batch_size,
+        max_length=base.max_length,
+        seed=base.seed,
+        base_model=base.base_model,
+        epochs=base.epochs,
+    )
     return (
         TrainConfig.lora(lora_r=8, **common),
         TrainConfig.lora(lora_r=16, **common),
@@ -35,8 +40,8 @@ def default_candidates(base: TrainConfig) -> tuple[TrainConfig, ...]:
 @dataclass
 class SearchConfig:
     """Attributes:
-        budget_seconds: total training time shared equally by the candidates.
-        candidates: recipes to try; empty = ``default_candidates(TrainConfig())``.
+    budget_seconds: total training time shared equally by the candidates.
+    candidates: recipes to try; empty = ``default_candidates(TrainConfig())``.
     """
 
     budget_seconds: float = 600.0
@@ -75,19 +80,25 @@ def search_recipes(cfg: SearchConfig, data: Dataset, output: Path | None = None,
             t0 = time.perf_counter()
             res = train(replace(c), data, Path(tmp), progress=progress, max_train_seconds=share)
             wall = time.perf_counter() - t0
-        results.append({
-            "recipe": describe(c),
-            "config": config_to_dict(c),
-            "validation_accuracy": res.best_validation_accuracy,
-            "trainable_parameters": res.trainable_parameters,
-            "trainable_fraction": res.trainable_parameters / res.total_parameters,
-            "steps": res.steps,
-            "seconds": wall,
-            "seconds_per_epoch": res.epoch_seconds[0] if res.epoch_seconds else None,
-        })
+        results.append(
+            {
+                "recipe": describe(c),
+                "config": config_to_dict(c),
+                "validation_accuracy": res.best_validation_accuracy,
+                "trainable_parameters": res.trainable_parameters,
+                "trainable_fraction": res.trainable_parameters / res.total_parameters,
+                "steps": res.steps,
+                "seconds": wall,
+                "seconds_per_epoch": res.epoch_seconds[0] if res.epoch_seconds else None,
+            }
+        )
     ranked = sorted(results, key=lambda r: (-(r["validation_accuracy"] or 0.0), r["seconds"]))
-    out = {"budget_seconds": cfg.budget_seconds, "seconds_per_candidate": share, "best": ranked[0],
-           "candidates": ranked}
+    out = {
+        "budget_seconds": cfg.budget_seconds,
+        "seconds_per_candidate": share,
+        "best": ranked[0],
+        "candidates": ranked,
+    }
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(out, indent=2, default=str))

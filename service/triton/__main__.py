@@ -31,27 +31,57 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--model-repository", type=Path, required=True,
+        "--model-repository",
+        type=Path,
+        required=True,
         help="directory holding <model>/config.pbtxt and <model>/<version>/ (see docs/model_repository.md)",
     )
     parser.add_argument(
-        "--models", nargs="+", metavar="NAME", default=None,
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        default=None,
         help="load only these models (Triton explicit model-control mode); default: every model in the repository",
     )
-    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
-                        help=f"HTTP (KServe v2) port on 127.0.0.1; 0 picks a free port (default {DEFAULT_HTTP_PORT})")
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
-                        help=f"gRPC port on 127.0.0.1; 0 picks a free port (default {DEFAULT_GRPC_PORT})")
-    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                        help=f"Prometheus /metrics port on 127.0.0.1; 0 picks a free port (default {DEFAULT_METRICS_PORT})")
-    parser.add_argument("--log-path", type=Path, default=None,
-                        help="server log file (appended to); default: a new temporary file, whose path is printed")
-    parser.add_argument("--startup-timeout-seconds", type=float, default=120.0,
-                        help="how long to wait for /v2/health/ready before giving up (default 120)")
-    parser.add_argument("--no-validate", action="store_true",
-                        help="skip checking each config.pbtxt against the model repository contract before start")
     parser.add_argument(
-        "extra_args", nargs=argparse.REMAINDER, metavar="-- TRITON_ARGS",
+        "--http-port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        help=f"HTTP (KServe v2) port on 127.0.0.1; 0 picks a free port (default {DEFAULT_HTTP_PORT})",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        default=DEFAULT_GRPC_PORT,
+        help=f"gRPC port on 127.0.0.1; 0 picks a free port (default {DEFAULT_GRPC_PORT})",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus /metrics port on 127.0.0.1; 0 picks a free port (default {DEFAULT_METRICS_PORT})",
+    )
+    parser.add_argument(
+        "--log-path",
+        type=Path,
+        default=None,
+        help="server log file (appended to); default: a new temporary file, whose path is printed",
+    )
+    parser.add_argument(
+        "--startup-timeout-seconds",
+        type=float,
+        default=120.0,
+        help="how long to wait for /v2/health/ready before giving up (default 120)",
+    )
+    parser.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip checking each config.pbtxt against the model repository contract before start",
+    )
+    parser.add_argument(
+        "extra_args",
+        nargs=argparse.REMAINDER,
+        metavar="-- TRITON_ARGS",
         help="anything after '--' is passed to tritonserver unchanged, e.g. -- --log-verbose=1",
     )
     return parser

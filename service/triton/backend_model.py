@@ -16,8 +16,9 @@ batches identical shapes and batches stay at size 1 for real text.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -234,9 +235,7 @@ class TritonPythonModel:
         )
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        (logits,) = self._session.run(
-            [LOGITS], {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask}
-        )
+        (logits,) = self._session.run([LOGITS], {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask})
         return np.asarray(logits, dtype=self._logits_dtype)
 
     def _run_batched(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray | Exception]:
@@ -289,9 +288,7 @@ class TritonPythonModel:
                 if isinstance(result, Exception):
                     responses[index] = self._error_response(result)
                 else:
-                    responses[index] = pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor(LOGITS, result)]
-                    )
+                    responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(LOGITS, result)])
         return responses
 
     def _error_response(self, error: Exception) -> Any:

@@ -176,7 +176,7 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-_live_servers: set["TritonServer"] = set()
+_live_servers: set[TritonServer] = set()
 _live_lock = threading.Lock()
 
 
@@ -290,7 +290,7 @@ class TritonServer:
             )
         return env
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         """Start tritonserver and wait until ``/v2/health/ready`` answers 200.
 
         Returns:
@@ -355,8 +355,9 @@ class TritonServer:
         except BaseException as error:
             self._kill()
             if isinstance(error, TritonStartError):
-                raise TritonStartError(f"{error}\n--- tritonserver log tail ({self._log_path}) ---\n"
-                                       f"{self.log_tail()}") from None
+                raise TritonStartError(
+                    f"{error}\n--- tritonserver log tail ({self._log_path}) ---\n{self.log_tail()}"
+                ) from None
             raise
 
     def _wait_ready(self) -> None:
@@ -434,8 +435,7 @@ class TritonServer:
                 try:
                     process.wait(timeout=timeout_seconds)
                 except subprocess.TimeoutExpired:
-                    logger.warning("tritonserver pid %d did not exit in %.0f s; killing", process.pid,
-                                   timeout_seconds)
+                    logger.warning("tritonserver pid %d did not exit in %.0f s; killing", process.pid, timeout_seconds)
             self._kill()
 
     def is_alive(self) -> bool:
@@ -453,7 +453,7 @@ class TritonServer:
             text = log_file.read().decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-n_lines:])
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(

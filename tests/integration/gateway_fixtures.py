@@ -29,8 +29,12 @@ READY_LINE = re.compile(r"gateway ready at (http://127\.0\.0\.1:\d+)")
 def gateway_settings(model_repository: Path, grpc_url: str, **kw) -> Settings:
     """Settings for a gateway in front of ``grpc_url`` serving ``model_repository``."""
     batch = kw.pop("batch", {})
-    triton = {"model_repository": model_repository, "grpc_url": grpc_url, "startup_timeout_seconds": 30.0,
-              **kw.pop("triton", {})}  # fmt: skip
+    triton = {
+        "model_repository": model_repository,
+        "grpc_url": grpc_url,
+        "startup_timeout_seconds": 30.0,
+        **kw.pop("triton", {}),
+    }
     return Settings(triton=triton, batch=batch, **kw)
 
 
@@ -57,11 +61,11 @@ class RecordingTritonBackend(TritonBackend):
 async def gateway_client(settings: Settings, backend: TritonBackend | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and yield an httpx client bound to it (``client.app`` is the app)."""
     app = create_app(settings, backend)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
-                                     timeout=60.0) as client:  # fmt: skip
-            client.app = app  # type: ignore[attr-defined]
-            yield client
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=60.0
+    ) as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
 
 
 def closed_port() -> int:
@@ -84,8 +88,13 @@ class GatewayProcess:
         self.log_path = log_path
         full_env = {**os.environ, "GATEWAY_PORT": "0", "GATEWAY_GRPC_PORT": "0", **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.gateway", *args], cwd=REPO_ROOT, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.gateway", *args],
+            cwd=REPO_ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.url: str | None = None
 
     def log(self) -> str:

@@ -104,16 +104,23 @@ async def test_single_and_list_match_onnxruntime(triton_server, model_repository
         assert body["variant"] == variant and body["model"] == f"classifier_{variant}" and body["model_version"] == "1"
     for q, resp in zip(QUESTIONS, singles):
         got = np.array([[resp.json()["results"][0]["probabilities"][lbl] for lbl in labels]])
-        np.testing.assert_allclose(got, reference_probabilities(model_repository, variant, [q]), atol=PROB_ATOL[variant])
+        np.testing.assert_allclose(
+            got, reference_probabilities(model_repository, variant, [q]), atol=PROB_ATOL[variant]
+        )
     # Sent alone, the list is one batch of similar lengths: the same padded batch run in process must agree.
     got = np.array([[r["probabilities"][lbl] for lbl in labels] for r in listed.json()["results"]])
-    np.testing.assert_allclose(got, reference_probabilities(model_repository, variant, QUESTIONS), atol=PROB_ATOL[variant])
+    np.testing.assert_allclose(
+        got, reference_probabilities(model_repository, variant, QUESTIONS), atol=PROB_ATOL[variant]
+    )
     assert [r["label"] for r in listed.json()["results"]] == [labels[i] for i in got.argmax(axis=1)]
 
 
 async def test_concurrent_requests_share_batches(triton_server, model_repository):
-    settings = gateway_settings(model_repository, triton_server.grpc_url,
-                                batch={"max_batch_size": 32, "max_wait_seconds": 0.05, "flush_when_idle": False})  # fmt: skip
+    settings = gateway_settings(
+        model_repository,
+        triton_server.grpc_url,
+        batch={"max_batch_size": 32, "max_wait_seconds": 0.05, "flush_when_idle": False},
+    )
     n = 24
     before = _triton_counts(triton_server.grpc_url, "classifier_int8")
     async with gateway_client(settings) as client:
@@ -132,9 +139,16 @@ async def test_concurrent_requests_share_batches(triton_server, model_repository
 
 
 async def test_mixed_lengths_are_grouped(triton_server, model_repository):
-    settings = gateway_settings(model_repository, triton_server.grpc_url,
-                                batch={"max_batch_size": 32, "max_wait_seconds": 0.05, "flush_when_idle": False,
-                                       "length_bucket_edges": "16,32,64"})  # fmt: skip
+    settings = gateway_settings(
+        model_repository,
+        triton_server.grpc_url,
+        batch={
+            "max_batch_size": 32,
+            "max_wait_seconds": 0.05,
+            "flush_when_idle": False,
+            "length_bucket_edges": "16,32,64",
+        },
+    )
     backend = RecordingTritonBackend(settings)
     texts = [QUESTIONS[0], LONG_QUESTIONS[0], QUESTIONS[1], LONG_QUESTIONS[1], QUESTIONS[2]]
     async with gateway_client(settings, backend) as client:
@@ -147,7 +161,9 @@ async def test_mixed_lengths_are_grouped(triton_server, model_repository):
 
 
 async def test_504_when_the_deadline_is_too_short(triton_server, model_repository):
-    settings = gateway_settings(model_repository, triton_server.grpc_url, batch={"max_wait_seconds": 0.05, "flush_when_idle": False})
+    settings = gateway_settings(
+        model_repository, triton_server.grpc_url, batch={"max_wait_seconds": 0.05, "flush_when_idle": False}
+    )
     async with gateway_client(settings) as client:
         resp = await client.post("/v1/classify", json={"text": QUESTIONS[0], "deadline_ms": 1})
     assert resp.status_code == 504
@@ -185,9 +201,15 @@ async def test_503_when_triton_goes_away(triton_server, model_repository):
 def test_process_serves_and_drains_on_sigterm(triton_server, model_repository, tmp_path):
     import httpx
 
-    gw = GatewayProcess([], {"GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
-                             "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
-                             "GATEWAY_DRAIN_GRACE_SECONDS": "0.5"}, tmp_path / "gateway.log")  # fmt: skip
+    gw = GatewayProcess(
+        [],
+        {
+            "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
+            "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
+            "GATEWAY_DRAIN_GRACE_SECONDS": "0.5",
+        },
+        tmp_path / "gateway.log",
+    )
     try:
         url = gw.wait_ready(60)
         resp = httpx.post(f"{url}/v1/classify", json={"texts": QUESTIONS[:2], "variant": "fp16"}, timeout=30)
@@ -204,9 +226,17 @@ def test_process_serves_and_drains_on_sigterm(triton_server, model_repository, t
 
 
 def test_embedded_triton_starts_serves_and_stops(model_repository, tmp_path):
-    gw = GatewayProcess(["--embedded-triton", "--model-repository", str(model_repository), "--triton-log",
-                         str(tmp_path / "triton.log")], {"GATEWAY_DRAIN_GRACE_SECONDS": "0"},
-                        tmp_path / "gateway.log")  # fmt: skip
+    gw = GatewayProcess(
+        [
+            "--embedded-triton",
+            "--model-repository",
+            str(model_repository),
+            "--triton-log",
+            str(tmp_path / "triton.log"),
+        ],
+        {"GATEWAY_DRAIN_GRACE_SECONDS": "0"},
+        tmp_path / "gateway.log",
+    )
     try:
         import httpx
 

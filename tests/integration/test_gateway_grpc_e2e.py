@@ -31,9 +31,14 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def gateway(triton_server, model_repository, tmp_path_factory):
     """One gateway process (HTTP and gRPC on free ports) for this module; yields (http_url, grpc_url)."""
-    env = {"GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
-           "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository), "GATEWAY_GRPC_PORT": "0",
-           "GATEWAY_DRAIN_GRACE_SECONDS": "0", "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.3", "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false"}  # fmt: skip
+    env = {
+        "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
+        "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
+        "GATEWAY_GRPC_PORT": "0",
+        "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+        "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.3",
+        "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false",
+    }
     gw = GatewayProcess([], env, tmp_path_factory.mktemp("gw-grpc") / "gateway.log")
     try:
         url = gw.wait_ready(90)
@@ -72,9 +77,14 @@ def test_sync_clients_match_v1_classify(gateway):
         http_result = hclient.infer("classifier_int8", [tensor])
         json_tensor = httpclient.InferInput("text", [len(TEXTS), 1], "BYTES")
         json_tensor.set_data_from_numpy(np.array([[t] for t in TEXTS], dtype=object), binary_data=False)
-        json_result = hclient.infer("classifier", [json_tensor], outputs=[
-            httpclient.InferRequestedOutput("probabilities", binary_data=False),
-            httpclient.InferRequestedOutput("labels", binary_data=False)])  # fmt: skip
+        json_result = hclient.infer(
+            "classifier",
+            [json_tensor],
+            outputs=[
+                httpclient.InferRequestedOutput("probabilities", binary_data=False),
+                httpclient.InferRequestedOutput("labels", binary_data=False),
+            ],
+        )
     finally:
         hclient.close()
 

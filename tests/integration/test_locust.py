@@ -36,11 +36,17 @@ def shedding_gateway(triton_server, model_repository, tmp_path_factory) -> str:
     """A gateway process on the shared Triton with a small queue, so that some lists are refused with 429."""
     if not LOCUST.exists():
         pytest.skip(f"locust is not installed next to {sys.executable} (pip install '.[loadtest]')")
-    env = {"GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
-           "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository), "GATEWAY_GRPC_PORT": "-1",
-           "GATEWAY_DRAIN_GRACE_SECONDS": "0", "GATEWAY_MAX_CLIENT_BATCH_SIZE": "8",
-           "GATEWAY_BATCH__MAX_QUEUE_SIZE": "8", "GATEWAY_BATCH__MAX_BATCH_SIZE": "8",
-           "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.2", "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false"}  # fmt: skip
+    env = {
+        "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
+        "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
+        "GATEWAY_GRPC_PORT": "-1",
+        "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+        "GATEWAY_MAX_CLIENT_BATCH_SIZE": "8",
+        "GATEWAY_BATCH__MAX_QUEUE_SIZE": "8",
+        "GATEWAY_BATCH__MAX_BATCH_SIZE": "8",
+        "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.2",
+        "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false",
+    }
     gw = GatewayProcess([], env, tmp_path_factory.mktemp("gw-locust") / "gateway.log")
     try:
         yield gw.wait_ready(90)
@@ -49,8 +55,18 @@ def shedding_gateway(triton_server, model_repository, tmp_path_factory) -> str:
 
 
 def _locust(host: str, csv_prefix: Path, *args: str, timeout_seconds: float = 90) -> subprocess.CompletedProcess:
-    cmd = [str(LOCUST), "--headless", "--host", host, "--csv", str(csv_prefix), "--only-summary",
-           "--stop-timeout", "10", *args]  # fmt: skip
+    cmd = [
+        str(LOCUST),
+        "--headless",
+        "--host",
+        host,
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        "--stop-timeout",
+        "10",
+        *args,
+    ]
     # -t bounds the run; the subprocess timeout only guards against a hung locust.
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_seconds)
 
@@ -68,9 +84,26 @@ def _classify_counts(url: str) -> dict[str, float]:
 def test_headless_run_passes_thresholds_and_counts_shedding_apart(shedding_gateway, tmp_path):
     before = _classify_counts(shedding_gateway)
     prefix = tmp_path / "spike"
-    run = _locust(shedding_gateway, prefix, "-f", f"{LOCUSTFILE},{SHAPES}", "--shape", "spike", "-u", "8",
-                  "-t", "12s", "--list-share", "0.5", "--max-list-size", "8", "--max-error-rate", "0",
-                  "--max-p99-ms", GENEROUS_P99_MS)  # fmt: skip
+    run = _locust(
+        shedding_gateway,
+        prefix,
+        "-f",
+        f"{LOCUSTFILE},{SHAPES}",
+        "--shape",
+        "spike",
+        "-u",
+        "8",
+        "-t",
+        "12s",
+        "--list-share",
+        "0.5",
+        "--max-list-size",
+        "8",
+        "--max-error-rate",
+        "0",
+        "--max-p99-ms",
+        GENEROUS_P99_MS,
+    )
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
 
@@ -80,8 +113,12 @@ def test_headless_run_passes_thresholds_and_counts_shedding_apart(shedding_gatew
     shed = [r for r in rows if r["Name"].endswith(SHED_SUFFIX)]
     assert sum(int(r["Request Count"]) for r in served) > 0, rows
     # Both precisions and both request kinds were sent, and every served request passed its body checks.
-    assert {r["Name"] for r in served} == {"classify text int8", "classify text fp16", "classify list int8",
-                                           "classify list fp16"}, rows  # fmt: skip
+    assert {r["Name"] for r in served} == {
+        "classify text int8",
+        "classify text fp16",
+        "classify list int8",
+        "classify list fp16",
+    }, rows
     assert all(int(r["Failure Count"]) == 0 for r in served), rows
     assert all(r["Failure Count"] == r["Request Count"] for r in shed), rows
     with open(f"{prefix}_failures.csv", newline="") as f:
@@ -103,8 +140,22 @@ def test_headless_run_passes_thresholds_and_counts_shedding_apart(shedding_gatew
 
 def test_missed_threshold_exits_non_zero(shedding_gateway, tmp_path):
     prefix = tmp_path / "impossible"
-    run = _locust(shedding_gateway, prefix, "-f", str(LOCUSTFILE), "-u", "2", "-r", "2", "-t", "4s",
-                  "--list-share", "0", "--max-p99-ms", "0.001")  # fmt: skip
+    run = _locust(
+        shedding_gateway,
+        prefix,
+        "-f",
+        str(LOCUSTFILE),
+        "-u",
+        "2",
+        "-r",
+        "2",
+        "-t",
+        "4s",
+        "--list-share",
+        "0",
+        "--max-p99-ms",
+        "0.001",
+    )
     assert run.returncode == 1, (run.stdout + run.stderr)[-4000:]
     misses = json.loads(Path(f"{prefix}_summary.json").read_text())["misses"]
     # It failed for the P99 alone: requests were answered and none of them was an error.

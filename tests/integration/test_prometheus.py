@@ -41,10 +41,15 @@ CONCURRENCY = 8
 # Pause between one client's requests, so the traffic spans several scrape intervals, as real traffic does.
 CLIENT_PAUSE_SECONDS = 0.1
 QUESTIONS = [
-    "What is the capital of France?", "Who wrote Hamlet?", "How many legs does a spider have?",
-    "When did the Berlin wall fall?", "What does NASA stand for?", "Where is Mount Kilimanjaro?",
-    "Why is the sky blue during the day but red at sunset?", "Name a famous Dutch painter.",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "How many legs does a spider have?",
+    "When did the Berlin wall fall?",
+    "What does NASA stand for?",
+    "Where is Mount Kilimanjaro?",
+    "Why is the sky blue during the day but red at sunset?",
+    "Name a famous Dutch painter.",
+]
 
 
 def _prometheus_binary() -> str:
@@ -71,19 +76,29 @@ class PrometheusProcess:
             "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
             "rule_files": [str(RULES_DIR / "recording-rules.yml"), str(RULES_DIR / "alert-rules.yml")],
             "scrape_configs": [
-                {"job_name": job, "metrics_path": "/metrics",
-                 "static_configs": [{"targets": [target], "labels": TARGET_LABELS}]}
+                {
+                    "job_name": job,
+                    "metrics_path": "/metrics",
+                    "static_configs": [{"targets": [target], "labels": TARGET_LABELS}],
+                }
                 for job, target in scrape_targets.items()
             ],
-        }  # fmt: skip
+        }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log_path = workdir / "prometheus.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -133,11 +148,14 @@ class PrometheusProcess:
 def gateway_process(triton_server, model_repository, tmp_path):
     gw = GatewayProcess(
         [],
-        {"GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
-         "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
-         "GATEWAY_RESOURCE_SAMPLE_INTERVAL_SECONDS": "1", "GATEWAY_DRAIN_GRACE_SECONDS": "0"},
+        {
+            "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
+            "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
+            "GATEWAY_RESOURCE_SAMPLE_INTERVAL_SECONDS": "1",
+            "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+        },
         tmp_path / "gateway.log",
-    )  # fmt: skip
+    )
     try:
         gw.wait_ready(60)
         yield gw
@@ -198,11 +216,14 @@ async def test_prometheus_records_p99_and_queue_depth_from_live_traffic(promethe
     assert codes.get(200, 0) >= 50, codes
 
     ns = TARGET_LABELS["namespace"]
-    p99 = prometheus.wait_for(f'namespace_variant:gateway_request_duration_seconds:p99_rate2m{{variant="int8"}}', 30)
-    p50 = prometheus.wait_for(f'namespace_variant:gateway_request_duration_seconds:p50_rate2m{{variant="int8"}}', 30)
+    p99 = prometheus.wait_for('namespace_variant:gateway_request_duration_seconds:p99_rate2m{variant="int8"}', 30)
+    p50 = prometheus.wait_for('namespace_variant:gateway_request_duration_seconds:p50_rate2m{variant="int8"}', 30)
     p99_value, p50_value = float(p99[0]["value"][1]), float(p50[0]["value"][1])
-    assert p99[0]["metric"] == {"__name__": "namespace_variant:gateway_request_duration_seconds:p99_rate2m",
-                                "namespace": ns, "variant": "int8"}  # fmt: skip
+    assert p99[0]["metric"] == {
+        "__name__": "namespace_variant:gateway_request_duration_seconds:p99_rate2m",
+        "namespace": ns,
+        "variant": "int8",
+    }
     assert p99_value >= p50_value > 0.0
     assert p99_value < 30.0  # below the request timeout: a plausible latency, not a bucket overflow
     fp16 = prometheus.wait_for('namespace_variant:gateway_request_duration_seconds:p99_rate2m{variant="fp16"}', 30)
@@ -221,16 +242,22 @@ async def test_prometheus_records_p99_and_queue_depth_from_live_traffic(promethe
     # Resource gauges sampled off the request path; no GPU here, so no GPU series at all.
     assert prometheus.wait_for('process_resident_memory_bytes{job="gateway"}', 30)
     assert prometheus.wait_for('gateway_process_cpu_utilization_ratio{job="gateway"}', 30)
-    assert prometheus.query('gateway_gpu_utilization_ratio') == [] or os.path.exists("/dev/nvidiactl")
+    assert prometheus.query("gateway_gpu_utilization_ratio") == [] or os.path.exists("/dev/nvidiactl")
 
     # The prometheus-adapter rules, rendered the way the adapter renders them for an HPA in namespace `ns`.
     rules = {r["name"]["as"]: r for r in yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]}
-    depth_q = _render_adapter_query(rules["gateway_queue_depth"]["metricsQuery"].replace(
-        "<<.Series>>", "gateway_queue_depth"), f'namespace="{ns}",pod=~"{TARGET_LABELS["pod"]}"', "pod")
+    depth_q = _render_adapter_query(
+        rules["gateway_queue_depth"]["metricsQuery"].replace("<<.Series>>", "gateway_queue_depth"),
+        f'namespace="{ns}",pod=~"{TARGET_LABELS["pod"]}"',
+        "pod",
+    )
     served = prometheus.wait_for(depth_q, 10)
     assert served[0]["metric"] == {"pod": TARGET_LABELS["pod"]}
-    p99_q = _render_adapter_query(rules["gateway_request_duration_p99_seconds"]["metricsQuery"],
-                                  f'namespace="{ns}",service="{TARGET_LABELS["service"]}"', "service")  # fmt: skip
+    p99_q = _render_adapter_query(
+        rules["gateway_request_duration_p99_seconds"]["metricsQuery"],
+        f'namespace="{ns}",service="{TARGET_LABELS["service"]}"',
+        "service",
+    )
     served = prometheus.wait_for(p99_q, 10)
     assert served[0]["metric"] == {"service": TARGET_LABELS["service"]}
     assert 0.0 < float(served[0]["value"][1]) < 30.0

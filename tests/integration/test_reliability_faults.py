@@ -39,9 +39,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def _gateway(triton_server, model_repository, tmp_path, **env: str) -> GatewayProcess:
-    base = {"GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url, "GATEWAY_TRITON__MODEL_REPOSITORY":
-            str(model_repository), "GATEWAY_GRPC_PORT": "-1", "GATEWAY_VARIANTS": "int8",
-            "GATEWAY_DRAIN_GRACE_SECONDS": "0", "GATEWAY_LOG_LEVEL": "warning"}  # fmt: skip
+    base = {
+        "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
+        "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
+        "GATEWAY_GRPC_PORT": "-1",
+        "GATEWAY_VARIANTS": "int8",
+        "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+        "GATEWAY_LOG_LEVEL": "warning",
+    }
     return GatewayProcess([], {**base, **env}, tmp_path / "gateway.log")
 
 
@@ -55,10 +60,22 @@ def _inference_count(grpc_url: str, model: str = "classifier_int8") -> int:
 
 
 def test_triton_killed_mid_load_fails_fast_then_recovers(model_repository, tmp_path):
-    gw = GatewayProcess(["--embedded-triton", "--model-repository", str(model_repository), "--triton-log",
-                         str(tmp_path / "triton.log")],
-                        {"GATEWAY_GRPC_PORT": "-1", "GATEWAY_VARIANTS": "int8", "GATEWAY_DRAIN_GRACE_SECONDS": "0",
-                         "GATEWAY_LOG_LEVEL": "info"}, tmp_path / "gateway.log")  # fmt: skip
+    gw = GatewayProcess(
+        [
+            "--embedded-triton",
+            "--model-repository",
+            str(model_repository),
+            "--triton-log",
+            str(tmp_path / "triton.log"),
+        ],
+        {
+            "GATEWAY_GRPC_PORT": "-1",
+            "GATEWAY_VARIANTS": "int8",
+            "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+            "GATEWAY_LOG_LEVEL": "info",
+        },
+        tmp_path / "gateway.log",
+    )
     deadline_ms, clients, cap_seconds = 3000, 8, 90.0
     try:
         url = gw.wait_ready(180)
@@ -119,11 +136,19 @@ def test_triton_killed_mid_load_fails_fast_then_recovers(model_repository, tmp_p
         recovery = first_200_after_kill - kill_at
         not_ready = [t for t, code in ready_codes if code == 503 and t > kill_at]
         sent = sum(codes.values()) + lost
-        record("triton_killed", {
-            "requests_sent": sent, "answered": {str(k): v for k, v in codes.items()}, "lost": lost,
-            "recovery_seconds": round(recovery, 2), "readyz_503_seen": bool(not_ready),
-            "slowest_answer_over_deadline": len(too_slow), "clients": clients, "deadline_ms": deadline_ms,
-        })  # fmt: skip
+        record(
+            "triton_killed",
+            {
+                "requests_sent": sent,
+                "answered": {str(k): v for k, v in codes.items()},
+                "lost": lost,
+                "recovery_seconds": round(recovery, 2),
+                "readyz_503_seen": bool(not_ready),
+                "slowest_answer_over_deadline": len(too_slow),
+                "clients": clients,
+                "deadline_ms": deadline_ms,
+            },
+        )
         assert lost == 0
         assert set(codes) <= {200, 503}, codes
         assert codes[503] >= 1 and codes[200] >= 1
@@ -137,8 +162,13 @@ def test_triton_killed_mid_load_fails_fast_then_recovers(model_repository, tmp_p
 
 def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repository, tmp_path):
     max_queue = 64
-    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_QUEUE_SIZE=str(max_queue),
-                  GATEWAY_BATCH__MAX_INFLIGHT_BATCHES="2")  # fmt: skip
+    gw = _gateway(
+        triton_server,
+        model_repository,
+        tmp_path,
+        GATEWAY_BATCH__MAX_QUEUE_SIZE=str(max_queue),
+        GATEWAY_BATCH__MAX_INFLIGHT_BATCHES="2",
+    )
     deadline_ms, n = 1000, 40
     stopped = False
     try:
@@ -175,11 +205,19 @@ def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repo
         after = httpx.get(f"{url}/metrics", timeout=10).text
         codes = Counter(code for code, _ in results)
         slowest = max(t for _, t in results)
-        record("triton_stalled", {
-            "requests_sent": n, "texts_per_request": 2, "answered": {str(k): v for k, v in codes.items()},
-            "lost": codes[None], "deadline_ms": deadline_ms, "slowest_answer_seconds": round(slowest, 2),
-            "max_queue_depth_seen": max(depths), "max_queue_size": max_queue,
-        })  # fmt: skip
+        record(
+            "triton_stalled",
+            {
+                "requests_sent": n,
+                "texts_per_request": 2,
+                "answered": {str(k): v for k, v in codes.items()},
+                "lost": codes[None],
+                "deadline_ms": deadline_ms,
+                "slowest_answer_seconds": round(slowest, 2),
+                "max_queue_depth_seen": max(depths),
+                "max_queue_size": max_queue,
+            },
+        )
         assert codes[None] == 0
         assert set(codes) <= {504, 429}, codes  # 429 only if the queue filled; never a hang or a 5xx other than 504
         assert codes[504] >= 1
@@ -198,7 +236,13 @@ def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repo
 
 
 def test_disconnected_clients_work_never_reaches_triton(triton_server, model_repository, tmp_path):
-    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_WAIT_SECONDS="2.0", GATEWAY_BATCH__FLUSH_WHEN_IDLE="false")
+    gw = _gateway(
+        triton_server,
+        model_repository,
+        tmp_path,
+        GATEWAY_BATCH__MAX_WAIT_SECONDS="2.0",
+        GATEWAY_BATCH__FLUSH_WHEN_IDLE="false",
+    )
     n = 6
     try:
         url = gw.wait_ready(60)
@@ -221,17 +265,27 @@ def test_disconnected_clients_work_never_reaches_triton(triton_server, model_rep
         dropped = 0.0
         for _ in range(50):  # bounded: the batcher looks at the queue when the 2 s wait of the oldest is over
             text = httpx.get(f"{url}/metrics", timeout=10).text
-            dropped = (_metric(text, "gateway_requests_rejected_total", reason="client_disconnect")
-                       - _metric(before, "gateway_requests_rejected_total", reason="client_disconnect"))  # fmt: skip
+            dropped = _metric(text, "gateway_requests_rejected_total", reason="client_disconnect") - _metric(
+                before, "gateway_requests_rejected_total", reason="client_disconnect"
+            )
             if dropped >= n:
                 break
             time.sleep(0.1)
         batches = _metric(text, "gateway_batch_size_count", variant="int8") - _metric(
-            before, "gateway_batch_size_count", variant="int8")
+            before, "gateway_batch_size_count", variant="int8"
+        )
         triton_delta = _inference_count(triton_server.grpc_url) - before_triton
-        record("client_disconnect", {"requests_sent": n, "clients_gave_up": outcomes.count("gave up"),
-                                     "counted_client_disconnect": dropped, "batches_sent": batches,
-                                     "triton_inferences": triton_delta, "lost": 0})  # fmt: skip
+        record(
+            "client_disconnect",
+            {
+                "requests_sent": n,
+                "clients_gave_up": outcomes.count("gave up"),
+                "counted_client_disconnect": dropped,
+                "batches_sent": batches,
+                "triton_inferences": triton_delta,
+                "lost": 0,
+            },
+        )
         assert outcomes == ["gave up"] * n
         assert dropped == n and batches == 0 and triton_delta == 0
         # The gateway is fine afterwards.
@@ -241,8 +295,14 @@ def test_disconnected_clients_work_never_reaches_triton(triton_server, model_rep
 
 
 def test_sigterm_finishes_accepted_work_then_exits(triton_server, model_repository, tmp_path):
-    gw = _gateway(triton_server, model_repository, tmp_path, GATEWAY_BATCH__MAX_WAIT_SECONDS="0.5", GATEWAY_BATCH__FLUSH_WHEN_IDLE="false",
-                  GATEWAY_DRAIN_GRACE_SECONDS="1.0")  # fmt: skip
+    gw = _gateway(
+        triton_server,
+        model_repository,
+        tmp_path,
+        GATEWAY_BATCH__MAX_WAIT_SECONDS="0.5",
+        GATEWAY_BATCH__FLUSH_WHEN_IDLE="false",
+        GATEWAY_DRAIN_GRACE_SECONDS="1.0",
+    )
     n_before, n_after = 10, 5
     try:
         url = gw.wait_ready(60)
@@ -271,11 +331,17 @@ def test_sigterm_finishes_accepted_work_then_exits(triton_server, model_reposito
 
         accepted, late = asyncio.run(main())
         code = gw.proc.wait(timeout=60)
-        record("graceful_shutdown", {
-            "accepted_before_sigterm": n_before, "answered_200": accepted.count(200),
-            "sent_after_sigterm": n_after, "after_sigterm": dict(Counter(str(x) for x in late)),
-            "lost": sum(1 for x in accepted if x != 200), "exit_code": code,
-        })  # fmt: skip
+        record(
+            "graceful_shutdown",
+            {
+                "accepted_before_sigterm": n_before,
+                "answered_200": accepted.count(200),
+                "sent_after_sigterm": n_after,
+                "after_sigterm": dict(Counter(str(x) for x in late)),
+                "lost": sum(1 for x in accepted if x != 200),
+                "exit_code": code,
+            },
+        )
         assert accepted == [200] * n_before
         assert all(x in (503, "refused") for x in late), late
         assert code == 0

@@ -41,23 +41,53 @@ CASES: list[tuple[str, str, str, dict, int]] = [
     ("deadline negative", "POST", "/v1/classify", {"json": {"text": "a", "deadline_ms": -5}}, 422),
     ("deadline absurd", "POST", "/v1/classify", {"json": {"text": "a", "deadline_ms": 10**18}}, 422),
     ("deadline float", "POST", "/v1/classify", {"json": {"text": "a", "deadline_ms": 1.5}}, 422),
-    ("deadline header text", "POST", "/v1/classify",
-     {"json": {"text": "a"}, "headers": {"x-deadline-ms": "soon"}}, 422),
+    (
+        "deadline header text",
+        "POST",
+        "/v1/classify",
+        {"json": {"text": "a"}, "headers": {"x-deadline-ms": "soon"}},
+        422,
+    ),
     ("deadline 1 ms", "POST", "/v1/classify", {"json": {"text": "a", "deadline_ms": 1}}, 504),
     ("control characters", "POST", "/v1/classify", {"json": {"text": "a\u0000b\u202e\ufeff?"}}, 200),
     ("emoji and scripts", "POST", "/v1/classify", {"json": {"text": "¿Dónde está Roma? 東京 🚀"}}, 200),
     ("long text at the limit", "POST", "/v1/classify", {"json": {"text": "why " * 4999}}, 200),
-    ("v2 wrong datatype", "POST", "/v2/models/classifier/infer",
-     {"json": {"inputs": [{"name": "text", "shape": [1], "datatype": "INT64", "data": [1]}]}}, 422),
-    ("v2 shape lies", "POST", "/v2/models/classifier/infer",
-     {"json": {"inputs": [{"name": "text", "shape": [100000], "datatype": "BYTES", "data": ["a"]}]}}, 413),
-    ("v2 negative shape", "POST", "/v2/models/classifier/infer",
-     {"json": {"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": ["a"]}]}}, 422),
-    ("v2 bad binary length", "POST", "/v2/models/classifier/infer",
-     {"content": b"{}", "headers": {"Inference-Header-Content-Length": "999"}}, 422),
+    (
+        "v2 wrong datatype",
+        "POST",
+        "/v2/models/classifier/infer",
+        {"json": {"inputs": [{"name": "text", "shape": [1], "datatype": "INT64", "data": [1]}]}},
+        422,
+    ),
+    (
+        "v2 shape lies",
+        "POST",
+        "/v2/models/classifier/infer",
+        {"json": {"inputs": [{"name": "text", "shape": [100000], "datatype": "BYTES", "data": ["a"]}]}},
+        413,
+    ),
+    (
+        "v2 negative shape",
+        "POST",
+        "/v2/models/classifier/infer",
+        {"json": {"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": ["a"]}]}},
+        422,
+    ),
+    (
+        "v2 bad binary length",
+        "POST",
+        "/v2/models/classifier/infer",
+        {"content": b"{}", "headers": {"Inference-Header-Content-Length": "999"}},
+        422,
+    ),
     ("v2 unknown model", "POST", "/v2/models/secret/infer", {"json": {"inputs": []}}, 404),
-    ("v2 blank text", "POST", "/v2/models/classifier/infer",
-     {"json": {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [" "]}]}}, 422),
+    (
+        "v2 blank text",
+        "POST",
+        "/v2/models/classifier/infer",
+        {"json": {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [" "]}]}},
+        422,
+    ),
 ]
 
 
@@ -74,8 +104,15 @@ async def test_hostile_input_gets_documented_4xx_never_5xx(triton_server, model_
             if resp.status_code != 200:
                 assert set(resp.json()) == {"error", "error_type"}, name
         still_fine = await client.post("/v1/classify", json={"text": "Who wrote Hamlet ?"})
-    record("hostile_input", {"cases": len(CASES), "answered": dict(outcomes), "unexpected": len(wrong),
-                             "server_errors_5xx": sum(v for k, v in outcomes.items() if k.startswith("5")
-                                                      and k != "504"), "lost": 0})  # fmt: skip
+    record(
+        "hostile_input",
+        {
+            "cases": len(CASES),
+            "answered": dict(outcomes),
+            "unexpected": len(wrong),
+            "server_errors_5xx": sum(v for k, v in outcomes.items() if k.startswith("5") and k != "504"),
+            "lost": 0,
+        },
+    )
     assert not wrong, wrong
     assert still_fine.status_code == 200

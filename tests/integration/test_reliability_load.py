@@ -90,14 +90,26 @@ async def _open_loop(url: str, rate_rps: float, seconds: float, max_outstanding:
         offered_seconds = time.monotonic() - start
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - start
-    return {"sent": total - skipped, "skipped": skipped, "codes": codes, "lost": lost,
-            "missing_retry_after": missing_retry_after, "admitted_texts": admitted_texts,
-            "offered_seconds": offered_seconds, "elapsed_seconds": elapsed}  # fmt: skip
+    return {
+        "sent": total - skipped,
+        "skipped": skipped,
+        "codes": codes,
+        "lost": lost,
+        "missing_retry_after": missing_retry_after,
+        "admitted_texts": admitted_texts,
+        "offered_seconds": offered_seconds,
+        "elapsed_seconds": elapsed,
+    }
 
 
 def test_overload_at_three_times_capacity(triton_server, model_repository, tmp_path):
-    gw = _gateway(triton_server, model_repository, tmp_path,
-                  GATEWAY_BATCH__MAX_QUEUE_SIZE=str(MAX_QUEUE_TEXTS), GATEWAY_MAX_CLIENT_BATCH_SIZE="16")  # fmt: skip
+    gw = _gateway(
+        triton_server,
+        model_repository,
+        tmp_path,
+        GATEWAY_BATCH__MAX_QUEUE_SIZE=str(MAX_QUEUE_TEXTS),
+        GATEWAY_MAX_CLIENT_BATCH_SIZE="16",
+    )
     try:
         url = gw.wait_ready(60)
         capacity = asyncio.run(_capacity(url, clients=4, seconds=3.0))
@@ -106,14 +118,21 @@ def test_overload_at_three_times_capacity(triton_server, model_repository, tmp_p
         out = asyncio.run(_open_loop(url, rate_rps=rate, seconds=5.0, max_outstanding=256))
         rss_after = _rss_bytes(gw.proc.pid)
         admitted_rate = out["admitted_texts"] / out["elapsed_seconds"]
-        record("overload", {
-            "capacity_texts_per_second": round(capacity, 1), "offered_texts_per_second": round(3 * capacity, 1),
-            "requests_sent": out["sent"], "texts_per_request": TEXTS_PER_REQUEST,
-            "answered": {str(k): v for k, v in out["codes"].items()}, "lost": out["lost"],
-            "admitted_texts_per_second": round(admitted_rate, 1),
-            "admitted_share_of_capacity": round(admitted_rate / capacity, 2),
-            "rss_growth_mib": round((rss_after - rss_before) / 2**20, 1), "max_queue_texts": MAX_QUEUE_TEXTS,
-        })  # fmt: skip
+        record(
+            "overload",
+            {
+                "capacity_texts_per_second": round(capacity, 1),
+                "offered_texts_per_second": round(3 * capacity, 1),
+                "requests_sent": out["sent"],
+                "texts_per_request": TEXTS_PER_REQUEST,
+                "answered": {str(k): v for k, v in out["codes"].items()},
+                "lost": out["lost"],
+                "admitted_texts_per_second": round(admitted_rate, 1),
+                "admitted_share_of_capacity": round(admitted_rate / capacity, 2),
+                "rss_growth_mib": round((rss_after - rss_before) / 2**20, 1),
+                "max_queue_texts": MAX_QUEUE_TEXTS,
+            },
+        )
         assert out["lost"] == 0 and out["skipped"] == 0
         assert set(out["codes"]) <= {200, 429}, out["codes"]
         assert out["codes"][429] >= 1 and out["codes"][200] >= 1

@@ -55,7 +55,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "client_disconnect": (
         "4. Clients disconnecting while queued",
         "Requests wait in the queue (max_wait 2 s) and their clients give up after 0.3 s. Asserted: all are "
-        "counted in `gateway_requests_rejected_total{reason=\"client_disconnect\"}`, no batch is sent and Triton's "
+        'counted in `gateway_requests_rejected_total{reason="client_disconnect"}`, no batch is sent and Triton\'s '
         "inference count does not move.",
     ),
     "hostile_input": (
@@ -143,7 +143,7 @@ def render(data: dict[str, Any]) -> str:
         "load generator runs on the same cores as the gateway and Triton, so throughput figures describe this "
         "setup, not a capacity claim.",
         "",
-        "\"lost\" counts requests that got no HTTP answer at all (client-side error or timeout); it must be 0.",
+        '"lost" counts requests that got no HTTP answer at all (client-side error or timeout); it must be 0.',
         "",
     ]
     scenarios = data.get("scenarios", {})
@@ -162,7 +162,7 @@ def render(data: dict[str, Any]) -> str:
         "",
         "Optional API keys (`GATEWAY_API_KEYS`, off by default): 401 without a key, 403 with a wrong one "
         "(gRPC UNAUTHENTICATED / PERMISSION_DENIED), constant-time comparison, health/readiness/metrics exempt; "
-        "see docs/gateway.md \"Authentication\". Limits: body `GATEWAY_MAX_BODY_BYTES` (413; gRPC message limit), "
+        'see docs/gateway.md "Authentication". Limits: body `GATEWAY_MAX_BODY_BYTES` (413; gRPC message limit), '
         "texts per call `GATEWAY_MAX_CLIENT_BATCH_SIZE` (413 / INVALID_ARGUMENT), characters per text "
         "`GATEWAY_MAX_TEXT_CHARS` (413). Tested in `tests/unit/test_gateway_auth.py` and by scenario 5.",
         "",

@@ -42,10 +42,7 @@ SAME_INPUT_ATOL = {"int8": 1e-4, "fp16": 1e-2}
 PADDED_ATOL = {"int8": 1e-1, "fp16": 1e-2}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-WORDS = (
-    "what is the name of the longest river in south america and which countries does it flow through "
-    "before it reaches the atlantic ocean near the city where the old harbour was built by traders"
-).split()
+WORDS = ["what", "is", "the", "name", "of", "the", "longest", "river", "in", "south", "america", "and", "which", "countries", "does", "it", "flow", "through", "before", "it", "reaches", "the", "atlantic", "ocean", "near", "the", "city", "where", "the", "old", "harbour", "was", "built", "by", "traders"]
 
 
 def _model_name(variant: str) -> str:
@@ -115,8 +112,10 @@ def _reference(sessions, variant: str, ids: np.ndarray, mask: np.ndarray) -> np.
 def _http_infer(server: TritonServer, model: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
     try:
-        inputs = [httpclient.InferInput("input_ids", ids.shape, "INT64"),
-                  httpclient.InferInput("attention_mask", mask.shape, "INT64")]
+        inputs = [
+            httpclient.InferInput("input_ids", ids.shape, "INT64"),
+            httpclient.InferInput("attention_mask", mask.shape, "INT64"),
+        ]
         inputs[0].set_data_from_numpy(ids)
         inputs[1].set_data_from_numpy(mask)
         result = client.infer(model, inputs, outputs=[httpclient.InferRequestedOutput("logits")])
@@ -128,8 +127,10 @@ def _http_infer(server: TritonServer, model: str, ids: np.ndarray, mask: np.ndar
 def _grpc_infer(server: TritonServer, model: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     client = grpcclient.InferenceServerClient(server.grpc_url)
     try:
-        inputs = [grpcclient.InferInput("input_ids", ids.shape, "INT64"),
-                  grpcclient.InferInput("attention_mask", mask.shape, "INT64")]
+        inputs = [
+            grpcclient.InferInput("input_ids", ids.shape, "INT64"),
+            grpcclient.InferInput("attention_mask", mask.shape, "INT64"),
+        ]
         inputs[0].set_data_from_numpy(ids)
         inputs[1].set_data_from_numpy(mask)
         result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput("logits")])
@@ -148,8 +149,10 @@ async def _aio_infer_many(
     client = grpcaio.InferenceServerClient(url)
 
     async def one(ids: np.ndarray, mask: np.ndarray):
-        inputs = [grpcaio.InferInput("input_ids", ids.shape, "INT64"),
-                  grpcaio.InferInput("attention_mask", mask.shape, "INT64")]
+        inputs = [
+            grpcaio.InferInput("input_ids", ids.shape, "INT64"),
+            grpcaio.InferInput("attention_mask", mask.shape, "INT64"),
+        ]
         inputs[0].set_data_from_numpy(ids)
         inputs[1].set_data_from_numpy(mask)
         result = await client.infer(model, inputs, client_timeout=120.0)
@@ -260,8 +263,9 @@ def test_extra_padding_keeps_logits(triton_server, tokenizer, reference_sessions
     ids, mask = _encode(tokenizer, _texts(3, min_words=4))
     padded_ids, padded_mask = _encode(tokenizer, _texts(3, min_words=4), pad_to=ids.shape[1] + 24)
     padded = _grpc_infer(triton_server, _model_name(variant), padded_ids, padded_mask)
-    np.testing.assert_allclose(padded, _reference(reference_sessions, variant, ids, mask),
-                               rtol=0, atol=PADDED_ATOL[variant])
+    np.testing.assert_allclose(
+        padded, _reference(reference_sessions, variant, ids, mask), rtol=0, atol=PADDED_ATOL[variant]
+    )
     # Padding must never change the answer (rows whose top two logits are closer than the tolerance are
     # near-ties of a weakly trained model and skipped).
     expected = _reference(reference_sessions, variant, ids, mask)
@@ -271,9 +275,7 @@ def test_extra_padding_keeps_logits(triton_server, tokenizer, reference_sessions
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_dynamic_batcher_merges_requests_of_different_lengths(
-    triton_server, tokenizer, reference_sessions, variant
-):
+def test_dynamic_batcher_merges_requests_of_different_lengths(triton_server, tokenizer, reference_sessions, variant):
     model = _model_name(variant)
     texts = _texts(32, min_words=2)
     requests = [_encode(tokenizer, [text]) for text in texts]
@@ -293,8 +295,9 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(
     assert executions < inferences, f"{executions} executions for {inferences} requests: no batching"
     for (ids, mask), logits in zip(requests, results):
         assert logits.shape[0] == 1
-        np.testing.assert_allclose(logits, _reference(reference_sessions, variant, ids, mask),
-                                   rtol=0, atol=PADDED_ATOL[variant])
+        np.testing.assert_allclose(
+            logits, _reference(reference_sessions, variant, ids, mask), rtol=0, atol=PADDED_ATOL[variant]
+        )
 
 
 def test_bad_request_fails_alone(triton_server, tokenizer, reference_sessions):
@@ -306,8 +309,9 @@ def test_bad_request_fails_alone(triton_server, tokenizer, reference_sessions):
     results = asyncio.run(_aio_infer_many(triton_server.grpc_url, model, [good, too_long, bad_mask, good]))
 
     for index in (0, 3):
-        np.testing.assert_allclose(results[index], _reference(reference_sessions, "int8", *good),
-                                   rtol=0, atol=PADDED_ATOL["int8"])
+        np.testing.assert_allclose(
+            results[index], _reference(reference_sessions, "int8", *good), rtol=0, atol=PADDED_ATOL["int8"]
+        )
     for index, expected in ((1, "exceeds max_sequence_length"), (2, "0 or 1")):
         assert isinstance(results[index], InferenceServerException)
         assert expected in results[index].message()
@@ -390,8 +394,9 @@ def test_taken_port_fails_the_start_with_the_reason(model_repository, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         server = TritonServer(
-            TritonLaunchConfig(model_repository, models=(_model_name("int8"),), http_port=port,
-                               log_path=tmp_path / "triton.log")
+            TritonLaunchConfig(
+                model_repository, models=(_model_name("int8"),), http_port=port, log_path=tmp_path / "triton.log"
+            )
         )
         with pytest.raises(TritonStartError, match=f"127.0.0.1:{port}' already in use"):
             server.start()
@@ -400,8 +405,9 @@ def test_taken_port_fails_the_start_with_the_reason(model_repository, tmp_path):
 
 def test_startup_timeout_kills_the_server(model_repository, tmp_path):
     # Model loading takes longer than 50 ms, so the deadline passes first.
-    server = TritonServer(TritonLaunchConfig(model_repository, log_path=tmp_path / "triton.log",
-                                             startup_timeout_seconds=0.05))
+    server = TritonServer(
+        TritonLaunchConfig(model_repository, log_path=tmp_path / "triton.log", startup_timeout_seconds=0.05)
+    )
     with pytest.raises(TritonStartError, match="not ready after"):
         server.start()
     assert not server.is_alive()
@@ -415,9 +421,21 @@ def test_missing_repository_is_a_clear_error(tmp_path):
 
 def test_cli_runs_in_foreground_and_stops_on_sigterm(model_repository, tmp_path):
     command = [
-        sys.executable, "-m", "service.triton", "--model-repository", str(model_repository),
-        "--models", _model_name("int8"), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
-        "--log-path", str(tmp_path / "triton.log"),
+        sys.executable,
+        "-m",
+        "service.triton",
+        "--model-repository",
+        str(model_repository),
+        "--models",
+        _model_name("int8"),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--log-path",
+        str(tmp_path / "triton.log"),
     ]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -40,8 +40,13 @@ def test_structured_pruning_shrinks_and_exports(tiny_build, small_data, tmp_path
     from service.modelprep.config import ExportConfig
     from service.modelprep.export import export_onnx, load_merged
 
-    out = structured_prune(PruneConfig(ffn_keep_fraction=0.25, score_batches=2, recovery_epochs=0),
-                           tiny_build.workdir / "merged", small_data, tmp_path / "pruned", progress=False)
+    out = structured_prune(
+        PruneConfig(ffn_keep_fraction=0.25, score_batches=2, recovery_epochs=0),
+        tiny_build.workdir / "merged",
+        small_data,
+        tmp_path / "pruned",
+        progress=False,
+    )
     model, _ = load_merged(out)
     assert model.config.intermediate_size == 384
     assert model.base_model.encoder.layer[0].intermediate.dense.weight.shape == (384, 384)
@@ -56,8 +61,13 @@ def test_distilled_student_keeps_chosen_layers(tiny_build, small_data, tmp_path)
     from service.modelprep.compress import DistillConfig, distill
     from service.modelprep.export import load_merged
 
-    out = distill(DistillConfig(student_layers=(0, 3), epochs=1, max_steps=3), tiny_build.workdir / "merged",
-                  small_data, tmp_path / "student", progress=False)
+    out = distill(
+        DistillConfig(student_layers=(0, 3), epochs=1, max_steps=3),
+        tiny_build.workdir / "merged",
+        small_data,
+        tmp_path / "student",
+        progress=False,
+    )
     student, _ = load_merged(out)
     teacher, _ = load_merged(tiny_build.workdir / "merged")
     assert student.config.num_hidden_layers == 2 and len(student.base_model.encoder.layer) == 2
@@ -103,8 +113,9 @@ def test_hidden_state_loss_is_zero_for_a_full_copy_and_positive_for_a_student(ti
     enc = _encode(tok, TEXTS, 32)
 
     def hidden(model):
-        return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                     output_hidden_states=True).hidden_states
+        return model(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True
+        ).hidden_states
 
     t = hidden(teacher)
     same = make_student(teacher, tuple(range(teacher.config.num_hidden_layers)))
@@ -127,8 +138,13 @@ def test_magnitude_pruning_reaches_the_target_sparsity(tiny_build, small_data, t
     from service.modelprep.compress import MagnitudePruneConfig, magnitude_prune, sparsity_of
     from service.modelprep.export import load_merged
 
-    out = magnitude_prune(MagnitudePruneConfig(target_sparsity=0.4, steps=2, recovery_steps_per_round=2),
-                          tiny_build.workdir / "merged", small_data, tmp_path / "sparse", progress=False)
+    out = magnitude_prune(
+        MagnitudePruneConfig(target_sparsity=0.4, steps=2, recovery_steps_per_round=2),
+        tiny_build.workdir / "merged",
+        small_data,
+        tmp_path / "sparse",
+        progress=False,
+    )
     model, _ = load_merged(out)
     assert sparsity_of(model) == pytest.approx(0.4, abs=0.01)
     meta = json.loads((out / "merge.json").read_text())
@@ -160,10 +176,13 @@ def test_recipe_search_returns_a_valid_recipe(small_data, tmp_path):
     from service.modelprep.config import TrainConfig
     from service.modelprep.search import SearchConfig, search_recipes
 
-    cands = (TrainConfig.lora(lora_r=4, max_steps=2, batch_size=8, max_length=16),
-             TrainConfig.layered(freeze_layers=4, max_steps=2, batch_size=8, max_length=16))
-    res = search_recipes(SearchConfig(budget_seconds=60, candidates=cands), small_data, tmp_path / "s.json",
-                         progress=False)
+    cands = (
+        TrainConfig.lora(lora_r=4, max_steps=2, batch_size=8, max_length=16),
+        TrainConfig.layered(freeze_layers=4, max_steps=2, batch_size=8, max_length=16),
+    )
+    res = search_recipes(
+        SearchConfig(budget_seconds=60, candidates=cands), small_data, tmp_path / "s.json", progress=False
+    )
     assert len(res["candidates"]) == 2
     best = res["best"]
     assert best["recipe"] in {"lora r=4 on query+key+value +pooler", "layered: freeze 4, tune upper attention"}
@@ -176,7 +195,11 @@ def test_build_with_compression_adds_report_rows_and_publishes(tiny_build, tmp_p
     import shutil
 
     from service.modelprep.config import (
-        BuildConfig, CompressConfig, DistillConfig, MagnitudePruneConfig, PruneConfig,
+        BuildConfig,
+        CompressConfig,
+        DistillConfig,
+        MagnitudePruneConfig,
+        PruneConfig,
     )
     from service.modelprep.pipeline import build
 
@@ -192,8 +215,15 @@ def test_build_with_compression_adds_report_rows_and_publishes(tiny_build, tmp_p
     res = build(BuildConfig.tiny(work, tmp_path / "repo", compress=cc), progress=False)
     assert {"train", "merged", "onnx"} <= set(res.reused)
     names = [r["name"] for r in res.report["variants"]]
-    for n in ("pruned", "pruned-int8", "distilled", "distilled-int8", "distilled-pruned", "distilled-pruned-int8",
-              "sparse"):
+    for n in (
+        "pruned",
+        "pruned-int8",
+        "distilled",
+        "distilled-int8",
+        "distilled-pruned",
+        "distilled-pruned-int8",
+        "sparse",
+    ):
         assert n in names, names
     sizes = {r["name"]: r["size_bytes"] for r in res.report["variants"]}
     assert sizes["distilled-pruned-int8"] < sizes["distilled-int8"] < sizes["distilled"] < sizes["fp32"]

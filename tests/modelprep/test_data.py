@@ -127,7 +127,9 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     train = _write_csv(tmp_path / "train.csv", [(f"t{i}", "only") for i in range(10)])
     proc = subprocess.run(
         [sys.executable, "-m", "service.modelprep", "data", "--dataset", "file", "--train-path", str(train)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "only one class" in proc.stderr

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from service.modelprep.config import (
-    BuildConfig, EvalConfig, ExportConfig, QuantizeConfig, TrainConfig,
+    BuildConfig,
+    EvalConfig,
+    ExportConfig,
+    QuantizeConfig,
+    TrainConfig,
 )
 from service.modelprep.errors import ConfigError
 
@@ -127,8 +131,9 @@ def test_onnx_matches_torch_with_dynamic_batch_and_length(tiny_build):
 
 
 def test_variants_stay_within_tolerance_of_fp32(tiny_build):
-    from service.modelprep.export import onnx_logits, ort_session
     from transformers import AutoTokenizer
+
+    from service.modelprep.export import onnx_logits, ort_session
 
     tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))
     ref = onnx_logits(ort_session(tiny_build.workdir / "onnx" / "fp32.onnx"), tok, TEXTS, 32)
@@ -138,18 +143,21 @@ def test_variants_stay_within_tolerance_of_fp32(tiny_build):
     assert np.abs(fp16 - ref).max() < 0.02
     assert np.abs(int8 - ref).max() < 0.25
     assert np.abs(int8 - ref).max() > 0, "an INT8 model identical to FP32 was not quantized"
-    sizes = {p: p.stat().st_size for p in (tiny_build.workdir / "onnx" / "fp32.onnx",
-                                            tiny_build.workdir / "fp16" / "fp16.onnx", int8_path)}
+    sizes = {
+        p: p.stat().st_size
+        for p in (tiny_build.workdir / "onnx" / "fp32.onnx", tiny_build.workdir / "fp16" / "fp16.onnx", int8_path)
+    }
     fp32_size, fp16_size, int8_size = sizes.values()
     assert fp16_size < 0.6 * fp32_size
     assert int8_size < 0.5 * fp32_size
 
 
 def test_throughput_is_measured_in_interleaved_rounds(tiny_build):
+    from transformers import AutoTokenizer
+
     from service.modelprep.config import EvalConfig
     from service.modelprep.evaluate import measure_throughput_interleaved
     from service.modelprep.export import ort_session
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))
     int8_path = next((tiny_build.workdir / "int8").glob("*/model.onnx"))
@@ -166,8 +174,10 @@ def test_throughput_is_measured_in_interleaved_rounds(tiny_build):
                 order.append(self.name)
             return self.session.run(outputs, feed)
 
-    sessions = {"fp32": Recording("fp32", tiny_build.workdir / "onnx" / "fp32.onnx"),
-                "int8": Recording("int8", int8_path)}  # fmt: skip
+    sessions = {
+        "fp32": Recording("fp32", tiny_build.workdir / "onnx" / "fp32.onnx"),
+        "int8": Recording("int8", int8_path),
+    }
     cfg = EvalConfig(batch_sizes=(1, 4), repeats=3, seconds_per_repeat=0.05, threads=1)
     ticks = []
     progress = type("P", (), {"update": lambda self, n: ticks.append(n)})()
@@ -191,8 +201,7 @@ def test_static_int8_with_calibration(tiny_build, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))
     fp32 = tiny_build.workdir / "onnx" / "fp32.onnx"
     cfg = QuantizeConfig(mode="static", per_channel=True, calibration_samples=16)
-    out = quantize_int8(cfg, fp32, tmp_path / "static.onnx", tokenizer=tok, calibration_texts=TEXTS * 3,
-                        max_length=32)
+    out = quantize_int8(cfg, fp32, tmp_path / "static.onnx", tokenizer=tok, calibration_texts=TEXTS * 3, max_length=32)
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -247,13 +256,15 @@ def test_compression_target_takes_the_fastest_compressed_variant_within_the_accu
         "evaluate": {"throughput": True, "batch_sizes": [1, 32]},
         "compression": {"pruned": {}, "distilled": {}, "distilled-pruned": {}},
         "variants": [
-            row("fp32", 0.940, 500.0), row("int8", 0.942, 1000.0),
+            row("fp32", 0.940, 500.0),
+            row("int8", 0.942, 1000.0),
             row("int8-dyn-pt-sym", 0.939, 5000.0),  # fast, but a quantization recipe, not a compressed model
-            row("pruned", 0.938, 800.0), row("pruned-int8", 0.937, 2100.0),
+            row("pruned", 0.938, 800.0),
+            row("pruned-int8", 0.937, 2100.0),
             row("distilled-int8", 0.930, 2500.0),  # 1.0 point lost: allowed
             row("distilled-pruned-int8", 0.920, 4000.0),  # 2.0 points lost: over budget however fast
         ],
-    }  # fmt: skip
+    }
     (target,) = [t for t in check_targets(report) if "compressed variant" in t["what"]]
     assert target["ok"] and target["detail"].startswith("distilled-int8: 2.50x")
     report["variants"][-2]["accuracy"] = 0.920

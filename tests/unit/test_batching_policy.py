@@ -127,13 +127,17 @@ def test_mixed_lengths_are_grouped_by_bucket():
 
 
 def test_oldest_anchors_when_its_wait_is_over_even_if_another_bucket_is_full():
-    items = [Item("old-long", length=60, enqueued_at=0.0)] + [Item(f"s{i}", length=10, enqueued_at=0.5) for i in range(4)]
+    items = [Item("old-long", length=60, enqueued_at=0.0)] + [
+        Item(f"s{i}", length=10, enqueued_at=0.5) for i in range(4)
+    ]
     plan = take_batch(items, LIMITS, now=0.5)  # old-long waited 0.5 s > 0.01 s: it goes first (no starvation)
     assert names(plan.batch) == ["old-long"]
 
 
 def test_full_bucket_goes_first_while_the_oldest_may_still_wait():
-    items = [Item("young-long", length=60, enqueued_at=1.0)] + [Item(f"s{i}", length=10, enqueued_at=1.0) for i in range(4)]
+    items = [Item("young-long", length=60, enqueued_at=1.0)] + [
+        Item(f"s{i}", length=10, enqueued_at=1.0) for i in range(4)
+    ]
     assert flush_delay(items, LIMITS, now=1.001) == 0.0
     plan = take_batch(items, LIMITS, now=1.001)
     assert names(plan.batch) == ["s0", "s1", "s2", "s3"]
@@ -141,8 +145,10 @@ def test_full_bucket_goes_first_while_the_oldest_may_still_wait():
 
 
 def test_every_entry_lands_in_exactly_one_list():
-    items = [Item(str(i), length=(i * 7) % 90 + 1, deadline=(0.5 if i % 5 == 0 else 9.0), cancelled=(i % 7 == 0))
-             for i in range(40)]  # fmt: skip
+    items = [
+        Item(str(i), length=(i * 7) % 90 + 1, deadline=(0.5 if i % 5 == 0 else 9.0), cancelled=(i % 7 == 0))
+        for i in range(40)
+    ]
     plan = take_batch(items, LIMITS, now=1.0)
     together = plan.batch + plan.expired + plan.cancelled + plan.rest
     assert sorted(names(together)) == sorted(names(items))

@@ -49,7 +49,7 @@ def gateway_pip_requirement() -> str:
     runs = [rest for op, rest in _instructions(REPO_ROOT / "Dockerfile") if op == "RUN" and "pip install" in rest]
     assert len(runs) == 1, runs
     words = shlex.split(runs[0])
-    reqs = [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
+    reqs = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
     assert len(reqs) == 1, reqs
     return reqs[0]
 
@@ -79,10 +79,24 @@ def test_the_gateway_install_line_resolves_without_torch(tmp_path):
     requirement = gateway_pip_requirement().replace(".", str(REPO_ROOT), 1)
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--disable-pip-version-check", "--report", str(report), requirement],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            str(report),
+            requirement,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if result.returncode != 0 and "No matching distribution" in result.stderr + result.stdout:
         pytest.fail(f"the gateway requirements do not resolve:\n{result.stderr[-3000:]}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,8 +124,11 @@ def test_triton_dockerfile_uses_the_tested_triton_release_and_ships_the_reposito
 
 
 def test_dockerignore_keeps_local_state_out_and_sources_in():
-    patterns = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}  # fmt: skip
+    patterns = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".git", ".venv", "artifacts", ".tools"} <= patterns
     for needed in ("service", "pyproject.toml", "README.md", "model_repository"):
         assert needed not in patterns and (REPO_ROOT / needed).exists()

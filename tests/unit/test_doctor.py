@@ -27,13 +27,15 @@ HEALTHY = {
     f"/apis/apps/v1/namespaces/{NS}/deployments/loraserve": (200, "deployment.json"),
     f"/api/v1/namespaces/{NS}/pods": (200, "pods.json"),
     "/apis/apiregistration.k8s.io/v1/apiservices/v1beta1.custom.metrics.k8s.io": (200, "apiservice_custom.json"),
-    "/apis/apiregistration.k8s.io/v1/apiservices/v1beta1.external.metrics.k8s.io":
-        (404, "apiservice_external_notfound.json"),
+    "/apis/apiregistration.k8s.io/v1/apiservices/v1beta1.external.metrics.k8s.io": (
+        404,
+        "apiservice_external_notfound.json",
+    ),
     CUSTOM: (200, "discovery_custom_full.json"),
     f"{CUSTOM}/namespaces/{NS}/pods/*/gateway_queue_depth": (200, "queue_depth.json"),
     f"{CUSTOM}/namespaces/{NS}/services/loraserve/gateway_request_duration_p99_seconds": (200, "p99.json"),
     f"{CUSTOM}/namespaces/{NS}/pods/*/gpu_utilization_ratio": (200, "gpu.json"),
-}  # fmt: skip
+}
 
 
 class RecordedApi:
@@ -49,8 +51,13 @@ class RecordedApi:
         self.requests.append((method, path, urllib.parse.parse_qs(parsed.query), dict(kwargs.get("headers") or {})))
         status, name = self.routes.get(path, (404, "not_found.json")) if method == "GET" else (405, "not_found.json")
         body = (DATA / name).read_bytes()
-        return urllib3.HTTPResponse(body=body, status=status, headers={"Content-Type": "application/json"},
-                                    reason="OK" if status == 200 else "Not Found", preload_content=True)  # fmt: skip
+        return urllib3.HTTPResponse(
+            body=body,
+            status=status,
+            headers={"Content-Type": "application/json"},
+            reason="OK" if status == 200 else "Not Found",
+            preload_content=True,
+        )
 
     def query_of(self, path: str) -> dict[str, list[str]]:
         return next(q for _, p, q, _ in self.requests if p == path)
@@ -87,16 +94,19 @@ def test_all_metrics_served(capsys):
     assert selector == "app.kubernetes.io/instance=loraserve,app.kubernetes.io/name=loraserve"
     hpa_query = recorded.query_of(f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers")
     assert hpa_query["labelSelector"] == ["app.kubernetes.io/name=loraserve"]
-    assert all({k.lower(): v for k, v in h.items()}["authorization"] == "Bearer recorded-token" for *_, h in recorded.requests)
+    assert all(
+        {k.lower(): v for k, v in h.items()}["authorization"] == "Bearer recorded-token" for *_, h in recorded.requests
+    )
 
 
 def test_missing_p99_rule_and_empty_gpu_series_stall_scaling(capsys):
-    routes = {**HEALTHY,
-              f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers": (200, "hpa_list_stalled.json"),
-              CUSTOM: (200, "discovery_custom_no_p99.json"),
-              f"{CUSTOM}/namespaces/{NS}/services/loraserve/gateway_request_duration_p99_seconds":
-                  (404, "p99_notfound.json"),
-              f"{CUSTOM}/namespaces/{NS}/pods/*/gpu_utilization_ratio": (200, "gpu_empty.json")}  # fmt: skip
+    routes = {
+        **HEALTHY,
+        f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers": (200, "hpa_list_stalled.json"),
+        CUSTOM: (200, "discovery_custom_no_p99.json"),
+        f"{CUSTOM}/namespaces/{NS}/services/loraserve/gateway_request_duration_p99_seconds": (404, "p99_notfound.json"),
+        f"{CUSTOM}/namespaces/{NS}/pods/*/gpu_utilization_ratio": (200, "gpu_empty.json"),
+    }
     code, out, _ = run(routes, capsys)
     assert code == 1, out
     assert "[SERVED  ] Pods     gateway_queue_depth" in out
@@ -109,8 +119,13 @@ def test_missing_p99_rule_and_empty_gpu_series_stall_scaling(capsys):
 
 
 def test_unavailable_adapter_makes_every_custom_metric_missing(capsys):
-    routes = {**HEALTHY, "/apis/apiregistration.k8s.io/v1/apiservices/v1beta1.custom.metrics.k8s.io":
-              (200, "apiservice_custom_unavailable.json")}  # fmt: skip
+    routes = {
+        **HEALTHY,
+        "/apis/apiregistration.k8s.io/v1/apiservices/v1beta1.custom.metrics.k8s.io": (
+            200,
+            "apiservice_custom_unavailable.json",
+        ),
+    }
     code, out, recorded = run(routes, capsys, "--json")
     assert code == 1
     report = json.loads(out)[0]
@@ -123,8 +138,10 @@ def test_unavailable_adapter_makes_every_custom_metric_missing(capsys):
 
 
 def test_nan_p99_is_reported_as_invalid(capsys):
-    routes = {**HEALTHY,
-              f"{CUSTOM}/namespaces/{NS}/services/loraserve/gateway_request_duration_p99_seconds": (200, "p99_nan.json")}
+    routes = {
+        **HEALTHY,
+        f"{CUSTOM}/namespaces/{NS}/services/loraserve/gateway_request_duration_p99_seconds": (200, "p99_nan.json"),
+    }
     code, out, _ = run(routes, capsys)
     assert code == 1
     assert "[INVALID ] Object   gateway_request_duration_p99_seconds" in out and "NaN" in out
@@ -142,8 +159,9 @@ def test_help_runs_as_a_module():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "service.doctor", "--help"], capture_output=True, text=True,
-                            timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "service.doctor", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0 and "custom.metrics.k8s.io" in result.stdout
 
 

@@ -13,13 +13,13 @@ import threading
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings
 
-from service.gateway.app import create_app  # noqa: E402
-from service.gateway.backend.fake import FakeBackend, write_fake_repository  # noqa: E402
-from service.gateway.settings import Settings  # noqa: E402
-from tests.integration.test_reliability_report import record  # noqa: E402
-from tests.unit.test_batching_batcher import LABELS, base_tokenizer_json  # noqa: E402
+from service.gateway.app import create_app
+from service.gateway.backend.fake import FakeBackend, write_fake_repository
+from service.gateway.settings import Settings
+from tests.integration.test_reliability_report import record
+from tests.unit.test_batching_batcher import LABELS, base_tokenizer_json
 
 MAX_EXAMPLES = 40
 
@@ -79,9 +79,13 @@ def test_openapi_fuzzing_finds_no_server_error(tmp_path_factory):
                 async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
                     kwargs = case.as_transport_kwargs(base_url="http://gateway")
                     kwargs.pop("base_url", None)
-                    return await client.request(**{k: v for k, v in kwargs.items()
-                                                   if k in ("method", "url", "headers", "params", "json",
-                                                            "content")})
+                    return await client.request(
+                        **{
+                            k: v
+                            for k, v in kwargs.items()
+                            if k in ("method", "url", "headers", "params", "json", "content")
+                        }
+                    )
 
             resp = asyncio.run_coroutine_threadsafe(go(), running.loop).result(timeout=30)
             calls += 1
@@ -96,8 +100,13 @@ def test_openapi_fuzzing_finds_no_server_error(tmp_path_factory):
             operation = result.ok()
             strategy = operation.as_strategy()
 
-            @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(
+                max_examples=MAX_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(case=strategy)
             def run(case) -> None:
                 call(case)

@@ -143,8 +143,7 @@ async def test_invalid_argument(repo):
             with pytest.raises(InferenceServerException) as utf8:
                 await client.infer("classifier", [not_utf8])
             with pytest.raises(InferenceServerException) as output:
-                await client.infer("classifier", [text_input(["a"])],
-                                   outputs=[grpcaio.InferRequestedOutput("logits")])  # fmt: skip
+                await client.infer("classifier", [text_input(["a"])], outputs=[grpcaio.InferRequestedOutput("logits")])
         finally:
             await client.close()
     for err in (too_many, blank, bad_variant, conflict, named.value, utf8.value, output.value):
@@ -154,8 +153,9 @@ async def test_invalid_argument(repo):
 async def test_resource_exhausted_on_overload_with_retry_after(repo):
     backend = FakeBackend(len(LABELS))
     gate = backend.hold()
-    settings = make_settings(repo, max_client_batch_size=1, retry_after_seconds=3,
-                             batch={"max_queue_size": 1, "max_inflight_batches": 1})  # fmt: skip
+    settings = make_settings(
+        repo, max_client_batch_size=1, retry_after_seconds=3, batch={"max_queue_size": 1, "max_inflight_batches": 1}
+    )
     async with serve(settings, backend) as (client, url, app):
         busy = asyncio.create_task(client.post("/v1/classify", json={"text": "in flight"}))
         await backend.wait_entered(1)
@@ -241,9 +241,13 @@ async def test_grpc_and_rest_share_batches(repo):
     backend = FakeBackend(len(LABELS))
     async with serve(settings, backend) as (client, url, _app):
         rest = [client.post("/v1/classify", json={"text": f"rest question {i} ?"}) for i in range(4)]
-        v2 = [client.post("/v2/models/classifier/infer",
-                          json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
-                                            "data": [f"v2 question {i} ?"]}]}) for i in range(4)]  # fmt: skip
+        v2 = [
+            client.post(
+                "/v2/models/classifier/infer",
+                json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [f"v2 question {i} ?"]}]},
+            )
+            for i in range(4)
+        ]
         rpc = [grpc_infer(url, [f"grpc question {i} ?"]) for i in range(4)]
         results = await asyncio.gather(*rest, *v2, *rpc)
     assert all(r.status_code == 200 for r in results[:8])
@@ -254,20 +258,31 @@ async def test_grpc_and_rest_share_batches(repo):
 
 async def test_v2_rest_json_and_errors(repo):
     async with serve(make_settings(repo, max_client_batch_size=3)) as (client, _url, _app):
-        ok = await client.post("/v2/models/classifier_fp16/infer", json={
-            "id": "r1", "inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["a b"], ["c"]]}],
-            "outputs": [{"name": "labels"}]})  # fmt: skip
+        ok = await client.post(
+            "/v2/models/classifier_fp16/infer",
+            json={
+                "id": "r1",
+                "inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["a b"], ["c"]]}],
+                "outputs": [{"name": "labels"}],
+            },
+        )
         live = await client.get("/v2/health/live")
         ready = await client.get("/v2/health/ready")
         meta = await client.get("/v2/models/classifier")
         unknown = await client.get("/v2/models/nope")
         bad_version = await client.get("/v2/models/classifier_int8/versions/7/ready")
-        too_many = await client.post("/v2/models/classifier/infer", json={
-            "inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": ["a"] * 4}]})  # fmt: skip
-        wrong_type = await client.post("/v2/models/classifier/infer", json={
-            "inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]})  # fmt: skip
-        mismatch = await client.post("/v2/models/classifier/infer", json={
-            "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]})  # fmt: skip
+        too_many = await client.post(
+            "/v2/models/classifier/infer",
+            json={"inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": ["a"] * 4}]},
+        )
+        wrong_type = await client.post(
+            "/v2/models/classifier/infer",
+            json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
+        )
+        mismatch = await client.post(
+            "/v2/models/classifier/infer",
+            json={"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]},
+        )
     assert ok.status_code == 200, ok.text
     body = ok.json()
     assert body["id"] == "r1" and body["model_name"] == "classifier_fp16"
@@ -282,16 +297,26 @@ async def test_v2_rest_json_and_errors(repo):
 
 async def test_v2_rest_binary_tensor_data(repo):
     raw = tensors.encode_bytes_tensor([t.encode() for t in TEXTS])
-    header = json.dumps({"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "text", "shape": [3], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     async with serve(make_settings(repo)) as (client, _url, _app):
         rest = (await client.post("/v1/classify", json={"texts": TEXTS})).json()
-        resp = await client.post("/v2/models/classifier/infer", content=header + raw,
-                                 headers={"Inference-Header-Content-Length": str(len(header)),
-                                          "content-type": "application/octet-stream"})  # fmt: skip
-        truncated = await client.post("/v2/models/classifier/infer", content=header + raw[:-2],
-                                      headers={"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
+        resp = await client.post(
+            "/v2/models/classifier/infer",
+            content=header + raw,
+            headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"},
+        )
+        truncated = await client.post(
+            "/v2/models/classifier/infer",
+            content=header + raw[:-2],
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
     assert resp.status_code == 200, resp.text
     n = int(resp.headers["inference-header-content-length"])
     head = json.loads(resp.content[:n])
@@ -299,6 +324,7 @@ async def test_v2_rest_binary_tensor_data(repo):
     blob = resp.content[n:]
     probs = np.frombuffer(blob[: sizes[0]], dtype="<f4").reshape(len(TEXTS), len(LABELS))
     np.testing.assert_allclose(probs, rest_probabilities(rest), atol=1e-6)
-    assert [b.decode() for b in tensors.decode_bytes_tensor(blob[sizes[0]:], max_items=10)] == [
-        r["label"] for r in rest["results"]]  # fmt: skip
+    assert [b.decode() for b in tensors.decode_bytes_tensor(blob[sizes[0] :], max_items=10)] == [
+        r["label"] for r in rest["results"]
+    ]
     assert truncated.status_code == 422

@@ -83,9 +83,16 @@ async def test_200_list_and_variant_choice(repo):
 
 @pytest.mark.parametrize(
     "payload",
-    [{}, {"text": ""}, {"text": "a", "texts": ["b"]}, {"texts": []}, {"text": 3}, {"text": "a", "bogus": 1},
-     {"text": "a", "deadline_ms": 0}],
-)  # fmt: skip
+    [
+        {},
+        {"text": ""},
+        {"text": "a", "texts": ["b"]},
+        {"texts": []},
+        {"text": 3},
+        {"text": "a", "bogus": 1},
+        {"text": "a", "deadline_ms": 0},
+    ],
+)
 async def test_422_invalid_input_has_the_error_shape(repo, payload):
     async with serve(make_settings(repo)) as client:
         resp = await client.post("/v1/classify", json=payload)
@@ -126,8 +133,9 @@ async def test_413_text_too_long(repo):
 async def test_429_queue_full_with_retry_after(repo):
     backend = FakeBackend(len(LABELS))
     gate = backend.hold()
-    settings = make_settings(repo, max_client_batch_size=1, retry_after_seconds=7,
-                             batch={"max_queue_size": 1, "max_inflight_batches": 1})  # fmt: skip
+    settings = make_settings(
+        repo, max_client_batch_size=1, retry_after_seconds=7, batch={"max_queue_size": 1, "max_inflight_batches": 1}
+    )
     async with serve(settings, backend) as client:
         busy = asyncio.create_task(client.post("/v1/classify", json={"text": "in flight"}))
         await backend.wait_entered(1)
@@ -210,7 +218,9 @@ async def test_concurrent_requests_share_batches(repo):
     settings = make_settings(repo, batch={"max_batch_size": 16, "max_wait_seconds": 0.2, "flush_when_idle": False})
     backend = FakeBackend(len(LABELS))
     async with serve(settings, backend) as client:
-        resps = await asyncio.gather(*(client.post("/v1/classify", json={"text": f"question {i} ?"}) for i in range(16)))
+        resps = await asyncio.gather(
+            *(client.post("/v1/classify", json={"text": f"question {i} ?"}) for i in range(16))
+        )
         metrics = (await client.get("/metrics")).text
     assert all(r.status_code == 200 for r in resps)
     count = _sample(metrics, "gateway_batch_size_count", variant="int8")
@@ -244,10 +254,20 @@ async def test_client_disconnect_is_dropped_and_counted(repo):
             async def send(message):
                 sent.append(message)
 
-            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                     "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "query_string": b"",
-                     "root_path": "", "headers": [(b"content-type", b"application/json")],
-                     "client": ("127.0.0.1", 1), "server": ("gateway", 80)}  # fmt: skip
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/classify",
+                "raw_path": b"/v1/classify",
+                "query_string": b"",
+                "root_path": "",
+                "headers": [(b"content-type", b"application/json")],
+                "client": ("127.0.0.1", 1),
+                "server": ("gateway", 80),
+            }
             call = asyncio.create_task(app(scope, receive, send))
             batcher = app.state.runtime.batchers["int8"]
             for _ in range(500):  # bounded: until the text is queued
@@ -273,7 +293,10 @@ async def test_models_health_and_openapi(repo):
         openapi = (await client.get("/openapi.json")).json()
         docs = await client.get("/docs")
     assert models["default_variant"] == "int8" and models["max_batch_size"] == 32
-    assert {m["variant"]: m["model"] for m in models["models"]} == {"int8": "classifier_int8", "fp16": "classifier_fp16"}
+    assert {m["variant"]: m["model"] for m in models["models"]} == {
+        "int8": "classifier_int8",
+        "fp16": "classifier_fp16",
+    }
     assert all(m["labels"] == list(LABELS) and m["version"] == 1 for m in models["models"])
     assert "/v1/classify" in openapi["paths"] and docs.status_code == 200
     documented = set(openapi["paths"]["/v1/classify"]["post"]["responses"])
@@ -310,12 +333,17 @@ async def test_metrics_follow_the_naming_rules(repo):
         text = (await client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("gateway_")}
     expected = {
-        "gateway_requests": "counter", "gateway_request_duration_seconds": "histogram",
-        "gateway_queue_wait_seconds": "histogram", "gateway_batch_size": "histogram",
-        "gateway_backend_request_duration_seconds": "histogram", "gateway_backend_errors": "counter",
-        "gateway_queue_depth": "gauge", "gateway_inflight_batches": "gauge", "gateway_requests_rejected": "counter",
+        "gateway_requests": "counter",
+        "gateway_request_duration_seconds": "histogram",
+        "gateway_queue_wait_seconds": "histogram",
+        "gateway_batch_size": "histogram",
+        "gateway_backend_request_duration_seconds": "histogram",
+        "gateway_backend_errors": "counter",
+        "gateway_queue_depth": "gauge",
+        "gateway_inflight_batches": "gauge",
+        "gateway_requests_rejected": "counter",
         "gateway_build_info": "gauge",
-    }  # fmt: skip
+    }
     for name, kind in expected.items():
         assert families[name].type == kind, name
     for name, fam in families.items():
@@ -327,7 +355,17 @@ async def test_metrics_follow_the_naming_rules(repo):
         if fam.type == "histogram" and ("duration" in name or "wait" in name):
             assert name.endswith("_seconds")
         for s in fam.samples:  # bounded labels: never a request id or an input
-            assert set(s.labels) <= {"route", "code", "variant", "model", "status", "reason", "version", "git_sha", "le"}
+            assert set(s.labels) <= {
+                "route",
+                "code",
+                "variant",
+                "model",
+                "status",
+                "reason",
+                "version",
+                "git_sha",
+                "le",
+            }
     assert _sample(text, "gateway_requests_total", route="/v1/classify", variant="int8", code="200") == 1
     assert _sample(text, "gateway_requests_total", route="/v1/classify", variant="fp16", code="200") == 1
 

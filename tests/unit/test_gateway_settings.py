@@ -79,9 +79,14 @@ def test_every_setting_is_documented():
 
 def test_error_table_matches_the_documented_statuses():
     assert {cls.__name__: status for cls, (status, _) in errors.ERROR_TABLE.items()} == {
-        "InvalidInput": 422, "PayloadTooLarge": 413, "Overloaded": 429, "DeadlineExceeded": 504,
-        "BackendUnavailable": 503, "BackendError": 502, "Internal": 500,
-    }  # fmt: skip
+        "InvalidInput": 422,
+        "PayloadTooLarge": 413,
+        "Overloaded": 429,
+        "DeadlineExceeded": 504,
+        "BackendUnavailable": 503,
+        "BackendError": 502,
+        "Internal": 500,
+    }
     assert len({t for _, t in errors.ERROR_TABLE.values()}) == len(errors.ERROR_TABLE)
     exc = errors.Overloaded("full", retry_after_seconds=4)
     assert errors.error_response(exc).headers["retry-after"] == "4"

@@ -80,7 +80,7 @@ def check_family(fam, kind: str, labels: set[str]) -> None:
     assert fam.samples, f"{name} has no samples: its series must exist before the first event"
     for s in fam.samples:
         assert s.name.startswith(name)
-        suffix = s.name[len(name):]
+        suffix = s.name[len(name) :]
         if kind == "counter":
             assert suffix in ("_total", "_created"), s.name
         elif kind == "histogram":
@@ -99,8 +99,11 @@ async def test_every_gateway_metric_follows_the_conventions(repo):  # noqa: F811
     text = await _scrape(make_settings(repo), backend)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     # The text format 0.0.4 shows prometheus-client's <counter|histogram>_created timestamps as separate gauges.
-    gateway = {n: f for n, f in families.items()
-               if n.startswith("gateway_") and not (n.endswith("_created") and n[: -len("_created")] in EXPECTED)}
+    gateway = {
+        n: f
+        for n, f in families.items()
+        if n.startswith("gateway_") and not (n.endswith("_created") and n[: -len("_created")] in EXPECTED)
+    }
     assert set(gateway) == set(EXPECTED), "exported metrics differ from the documented set (docs/observability.md)"
     for name, (kind, labels) in EXPECTED.items():
         check_family(gateway[name], kind, labels)
@@ -127,12 +130,18 @@ async def test_classify_latency_series_exist_at_zero_for_every_variant_before_tr
     async with serve(make_settings(repo)) as client:
         text = (await client.get("/metrics")).text
     fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_request_duration_seconds"]
-    counts = {s.labels["variant"]: s.value for s in fam.samples
-              if s.name.endswith("_count") and s.labels["route"] == "/v1/classify"}  # fmt: skip
+    counts = {
+        s.labels["variant"]: s.value
+        for s in fam.samples
+        if s.name.endswith("_count") and s.labels["route"] == "/v1/classify"
+    }
     assert counts == {"int8": 0.0, "fp16": 0.0}
     fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_requests"]
-    ok = {s.labels["variant"]: s.value for s in fam.samples
-          if s.name.endswith("_total") and s.labels["route"] == "/v1/classify" and s.labels["code"] == "200"}
+    ok = {
+        s.labels["variant"]: s.value
+        for s in fam.samples
+        if s.name.endswith("_total") and s.labels["route"] == "/v1/classify" and s.labels["code"] == "200"
+    }
     assert ok == {"int8": 0.0, "fp16": 0.0}
 
 
@@ -222,9 +231,13 @@ def _deploy_exprs() -> list[str]:
 
 #: Triton 2.51 metric names we read (docs/observability.md lists them with their meaning).
 TRITON_METRICS = {
-    "nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes",
-    "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us", "nv_inference_request_success",
-}  # fmt: skip
+    "nv_gpu_utilization",
+    "nv_gpu_memory_used_bytes",
+    "nv_gpu_memory_total_bytes",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_request_success",
+}
 
 
 def test_deploy_rules_and_dashboard_read_only_exported_metrics():

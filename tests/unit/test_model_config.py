@@ -110,7 +110,10 @@ def test_render_onnxruntime_config_round_trips():
     assert rendered.platform == "onnxruntime_onnx"
     assert not any(t.allow_ragged_batch for t in rendered.input)
     assert "max_sequence_length" not in rendered.parameters
-    assert rendered.parameters["intra_op_thread_count"].string_value == ours.parameters["intra_op_thread_count"].string_value
+    assert (
+        rendered.parameters["intra_op_thread_count"].string_value
+        == ours.parameters["intra_op_thread_count"].string_value
+    )
     assert rendered.dynamic_batching == ours.dynamic_batching
     # The source message is left untouched.
     assert ours.backend == "python" and all(t.allow_ragged_batch for t in ours.input)

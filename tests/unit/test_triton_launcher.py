@@ -54,9 +54,7 @@ def test_free_ports_are_distinct_loopback_ports():
 
 def test_command_binds_loopback_and_loads_explicit_models(monkeypatch, tmp_path):
     monkeypatch.delenv(launcher.ENV_TRITONSERVER, raising=False)
-    server = TritonServer(
-        TritonLaunchConfig(tmp_path, models=("classifier_int8",), extra_args=("--log-verbose=1",))
-    )
+    server = TritonServer(TritonLaunchConfig(tmp_path, models=("classifier_int8",), extra_args=("--log-verbose=1",)))
     command = server._command(launcher.find_installation(), (1111, 2222, 3333))
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in command
@@ -94,11 +92,24 @@ def test_stop_before_start_is_harmless():
 
 def test_cli_help_documents_every_option():
     result = subprocess.run(
-        [sys.executable, "-m", "service.triton", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=60, check=True,
+        [sys.executable, "-m", "service.triton", "--help"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
-    for option in ("--model-repository", "--models", "--http-port", "--grpc-port", "--metrics-port",
-                   "--log-path", "--startup-timeout-seconds", "--no-validate", "TRITON_ARGS"):
+    for option in (
+        "--model-repository",
+        "--models",
+        "--http-port",
+        "--grpc-port",
+        "--metrics-port",
+        "--log-path",
+        "--startup-timeout-seconds",
+        "--no-validate",
+        "TRITON_ARGS",
+    ):
         assert option in result.stdout
 
 
@@ -109,7 +120,10 @@ def test_cli_rejects_a_broken_config_before_starting(tmp_path):
     (model_dir / "config.pbtxt").write_text(text.replace("max_queue_size: 128", "max_queue_size: 0"))
     result = subprocess.run(
         [sys.executable, "-m", "service.triton", "--model-repository", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "max_queue_size must be >= 1" in result.stderr

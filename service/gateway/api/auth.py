@@ -123,8 +123,10 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.startswith(self.exempt):
             return await continuation(handler_call_details)
-        metadata = [(k.lower(), v if isinstance(v, str) else v.decode("latin-1"))
-                    for k, v in (handler_call_details.invocation_metadata or ())]  # fmt: skip
+        metadata = [
+            (k.lower(), v if isinstance(v, str) else v.decode("latin-1"))
+            for k, v in (handler_call_details.invocation_metadata or ())
+        ]
         handler = await continuation(handler_call_details)
         try:
             self.checker.check(presented_key(metadata))

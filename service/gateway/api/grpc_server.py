@@ -60,7 +60,7 @@ def _rpc(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the client cancelled or its deadline passed; nobody is listening
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status; bugs are logged below
+        except Exception as exc:
             if not isinstance(exc, ServiceError):
                 logger.exception("unhandled error in %s", route)
             code, message = grpc_status(exc)
@@ -111,7 +111,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         fixed = inference.resolve_model(self.runtime, request.name, request.version)
         rt = self.runtime
         batchers = [rt.batchers[fixed]] if fixed is not None else list(rt.batchers.values())
-        ready = (not rt.draining and rt.started and all(b.running for b in batchers) and await rt.backend.ready())
+        ready = not rt.draining and rt.started and all(b.running for b in batchers) and await rt.backend.ready()
         return service_pb2.ModelReadyResponse(ready=ready)
 
     @_rpc
@@ -126,10 +126,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         meta = model_metadata(self.runtime, request.name, fixed)
         tm = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
-            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
             inputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
             outputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]],
-        )  # fmt: skip
+        )
 
     @_rpc
     async def ModelConfig(self, request: Any, context: Any, variant: list[str]) -> Any:  # noqa: N802
@@ -141,14 +143,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             name=request.name,
             platform=tensors.PLATFORM,
             max_batch_size=rt.settings.max_client_batch_size,
-            input=[model_config_pb2.ModelInput(name=tensors.INPUT_NAME, data_type=model_config_pb2.TYPE_STRING,
-                                               dims=[-1])],
+            input=[
+                model_config_pb2.ModelInput(name=tensors.INPUT_NAME, data_type=model_config_pb2.TYPE_STRING, dims=[-1])
+            ],
             output=[
-                model_config_pb2.ModelOutput(name=tensors.PROBABILITIES, data_type=model_config_pb2.TYPE_FP32,
-                                             dims=[-1, len(labels)]),
+                model_config_pb2.ModelOutput(
+                    name=tensors.PROBABILITIES, data_type=model_config_pb2.TYPE_FP32, dims=[-1, len(labels)]
+                ),
                 model_config_pb2.ModelOutput(name=tensors.LABELS, data_type=model_config_pb2.TYPE_STRING, dims=[-1]),
             ],
-        )  # fmt: skip
+        )
         cfg.parameters["labels"].string_value = json.dumps(labels)
         return service_pb2.ModelConfigResponse(config=cfg)
 
@@ -194,8 +198,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         deadline = inference.deadline_from(rt, arrived, timeout, context.time_remaining())
         done = await inference.classify(rt, batcher, texts, deadline)
 
-        response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=done.model_version,
-                                                   id=request.id)  # fmt: skip
+        response = service_pb2.ModelInferResponse(
+            model_name=request.model_name, model_version=done.model_version, id=request.id
+        )
         response.parameters["variant"].string_param = done.variant
         response.parameters["model"].string_param = done.model
         for name in wanted:
@@ -208,10 +213,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 labels = [r.label.encode() for r in done.results]
                 out.datatype, out.shape[:] = "BYTES", [len(labels)]
                 response.raw_output_contents.append(tensors.encode_bytes_tensor(labels))
-        context.set_trailing_metadata((
-            ("x-queue-time", str(round(max(r.queue_seconds for r in done.results) * 1000))),
-            ("x-inference-time", str(round(max(r.inference_seconds for r in done.results) * 1000))),
-        ))  # fmt: skip
+        context.set_trailing_metadata(
+            (
+                ("x-queue-time", str(round(max(r.queue_seconds for r in done.results) * 1000))),
+                ("x-inference-time", str(round(max(r.inference_seconds for r in done.results) * 1000))),
+            )
+        )
         return response
 
 
@@ -299,9 +306,7 @@ class GrpcServer:
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.runtime), server)
         health_pb2_grpc.add_HealthServicer_to_server(GatewayHealth(self.runtime), server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.host}:{self.requested_port}"
         try:
             port = server.add_insecure_port(address)

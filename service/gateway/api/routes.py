@@ -77,8 +77,9 @@ async def classify(
     batcher = inference.resolve_variant(runtime, body.variant)
     variant = batcher.model.variant
     request.state.variant = variant  # read by the metrics middleware: bounded, a served variant
-    deadline = inference.deadline_from(runtime, arrived, *(None if ms is None else ms / 1000.0
-                                                           for ms in (body.deadline_ms, x_deadline_ms)))  # fmt: skip
+    deadline = inference.deadline_from(
+        runtime, arrived, *(None if ms is None else ms / 1000.0 for ms in (body.deadline_ms, x_deadline_ms))
+    )
     done = await inference.classify(runtime, batcher, texts, deadline, inference.wait_disconnect(request.receive))
     results = done.results
     response.headers["x-queue-time"] = str(round(max(r.queue_seconds for r in results) * 1000))
@@ -108,11 +109,17 @@ async def list_models(request: Request) -> ModelsResponse:
         max_batch_size=s.batch.max_batch_size,
         max_client_batch_size=s.max_client_batch_size,
         models=[
-            ModelInfo(variant=v, model=m.model_name, version=m.version, labels=list(m.labels),
-                      max_length=m.max_length, server_max_batch_size=runtime.server_max_batch_sizes.get(m.model_name))
+            ModelInfo(
+                variant=v,
+                model=m.model_name,
+                version=m.version,
+                labels=list(m.labels),
+                max_length=m.max_length,
+                server_max_batch_size=runtime.server_max_batch_sizes.get(m.model_name),
+            )
             for v, m in runtime.models.items()
         ],
-    )  # fmt: skip
+    )
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -15,24 +15,30 @@ class ClassifyRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"text": "What is the capital of France?"},
-                                        {"texts": ["Who wrote Hamlet?", "How far is the moon?"], "variant": "fp16",
-                                         "deadline_ms": 500}]},
-    )  # fmt: skip
+        json_schema_extra={
+            "examples": [
+                {"text": "What is the capital of France?"},
+                {"texts": ["Who wrote Hamlet?", "How far is the moon?"], "variant": "fp16", "deadline_ms": 500},
+            ]
+        },
+    )
 
     text: NonEmptyText | None = Field(None, description="One text.")
     texts: list[NonEmptyText] | None = Field(
         None, min_length=1, description="Several texts (at most GATEWAY_MAX_CLIENT_BATCH_SIZE, else 413)."
     )
     variant: str | None = Field(
-        None, description="Precision variant, e.g. 'int8' or 'fp16'; default GATEWAY_DEFAULT_VARIANT. "
-        "An unknown variant gives 422 (error_type 'invalid_input')."
-    )  # fmt: skip
+        None,
+        description="Precision variant, e.g. 'int8' or 'fp16'; default GATEWAY_DEFAULT_VARIANT. "
+        "An unknown variant gives 422 (error_type 'invalid_input').",
+    )
     deadline_ms: int | None = Field(
-        None, ge=1, le=3_600_000,
+        None,
+        ge=1,
+        le=3_600_000,
         description="Client deadline in milliseconds from arrival (also header x-deadline-ms; the smaller wins). "
         "Past it the request fails with 504.",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> ClassifyRequest:

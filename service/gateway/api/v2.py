@@ -67,10 +67,22 @@ class V2InferRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
-                                                     "data": ["Who wrote Hamlet?", "How far is the moon?"]}],
-                                         "parameters": {"variant": "int8"}}]},
-    )  # fmt: skip
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [
+                        {
+                            "name": "text",
+                            "shape": [2],
+                            "datatype": "BYTES",
+                            "data": ["Who wrote Hamlet?", "How far is the moon?"],
+                        }
+                    ],
+                    "parameters": {"variant": "int8"},
+                }
+            ]
+        },
+    )
 
     id: str | None = Field(None, max_length=256, description="Echoed in the response.")
     parameters: dict[str, Any] | None = Field(
@@ -158,8 +170,11 @@ async def v2_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="v2 readiness (as /readyz)",
-            responses={503: {"model": ErrorResponse, "description": "Not ready."}})  # fmt: skip
+@router.get(
+    "/v2/health/ready",
+    summary="v2 readiness (as /readyz)",
+    responses={503: {"model": ErrorResponse, "description": "Not ready."}},
+)
 async def v2_ready(request: Request) -> Any:
     """Answer 200 when /readyz would, else 503 with the reason (v2 only asks for a non-200)."""
     ready, reason = await _runtime(request).readiness()
@@ -205,10 +220,16 @@ async def v2_model_config(request: Request, model_name: str, model_version: str 
         "platform": tensors.PLATFORM,
         "max_batch_size": runtime.settings.max_client_batch_size,
         "input": [{"name": tensors.INPUT_NAME, "data_type": "TYPE_STRING", "dims": [-1]}],
-        "output": [{"name": o["name"], "data_type": "TYPE_FP32" if o["datatype"] == "FP32" else "TYPE_STRING",
-                    "dims": o["shape"]} for o in meta["outputs"]],
+        "output": [
+            {
+                "name": o["name"],
+                "data_type": "TYPE_FP32" if o["datatype"] == "FP32" else "TYPE_STRING",
+                "dims": o["shape"],
+            }
+            for o in meta["outputs"]
+        ],
         "parameters": {"labels": {"string_value": json.dumps(labels)}},
-    }  # fmt: skip
+    }
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -315,8 +336,9 @@ async def v2_infer(
     fixed = inference.resolve_model(runtime, model_name, model_version)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise InvalidInput("compressed request bodies are not supported")
-    req, texts = _parse_request(await request.body(), request.headers.get(HEADER_LENGTH),
-                                runtime.settings.max_client_batch_size)  # fmt: skip
+    req, texts = _parse_request(
+        await request.body(), request.headers.get(HEADER_LENGTH), runtime.settings.max_client_batch_size
+    )
     params = req.parameters or {}
     variant = inference.pick_variant(runtime, fixed, _variant_param(params))
     binary_default = _bool_param(params, "binary_data_output")
@@ -326,9 +348,11 @@ async def v2_infer(
     batcher = inference.resolve_variant(runtime, variant)
     request.state.variant = batcher.model.variant  # read by the metrics middleware: bounded, a served variant
     deadline = inference.deadline_from(
-        runtime, arrived, tensors.timeout_seconds(params.get("timeout")),
+        runtime,
+        arrived,
+        tensors.timeout_seconds(params.get("timeout")),
         None if x_deadline_ms is None else x_deadline_ms / 1000.0,
-    )  # fmt: skip
+    )
     done = await inference.classify(runtime, batcher, texts, deadline, inference.wait_disconnect(request.receive))
 
     outputs: list[dict[str, Any]] = []
@@ -365,4 +389,3 @@ async def v2_infer(
         headers["Inference-Header-Content-Length"] = str(len(head))
         return Response(head + b"".join(blobs), media_type="application/octet-stream", headers=headers)
     return Response(head, media_type="application/json", headers=headers)
-

@@ -114,9 +114,14 @@ class FakeBackend:
             self.entered += 1
             self._entered_changed.notify_all()
         self.calls.append(
-            FakeCall(model, version, int(input_ids.shape[0]), int(input_ids.shape[1]),
-                     tuple(int(x) for x in attention_mask.sum(axis=1)))
-        )  # fmt: skip
+            FakeCall(
+                model,
+                version,
+                int(input_ids.shape[0]),
+                int(input_ids.shape[1]),
+                tuple(int(x) for x in attention_mask.sum(axis=1)),
+            )
+        )
         if self.gate is not None:
             await self.gate.wait()
         if self.latency_seconds > 0:
@@ -171,7 +176,12 @@ def write_fake_repository(
         vdir = root / name / str(version)
         vdir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tokenizer_json, vdir / "tokenizer.json")
-        meta = {"labels": list(labels), "max_length": max_length, "variant": variant, "model_name": name,
-                "version": version}  # fmt: skip
+        meta = {
+            "labels": list(labels),
+            "max_length": max_length,
+            "variant": variant,
+            "model_name": name,
+            "version": version,
+        }
         (vdir / "labels.json").write_text(json.dumps(meta), encoding="utf-8")
     return root

@@ -40,8 +40,9 @@ def map_triton_error(exc: InferenceServerException, model: str) -> ServiceError:
         ``BackendUnavailable`` for UNAVAILABLE, ``DeadlineExceeded`` for DEADLINE_EXCEEDED, else ``BackendError``.
     """
     status = str(exc.status() or "")
-    logger.warning("triton call to %s failed: status=%s message=%s debug=%s",
-                   model, status, exc.message(), exc.debug_details())  # fmt: skip
+    logger.warning(
+        "triton call to %s failed: status=%s message=%s debug=%s", model, status, exc.message(), exc.debug_details()
+    )
     if status.endswith("UNAVAILABLE"):
         return BackendUnavailable(f"inference server unavailable for model {model}")
     if status.endswith("DEADLINE_EXCEEDED"):
@@ -113,8 +114,9 @@ class TritonBackend:
         """
         self._models = dict(models)
         if self._client is None:
-            self._client = grpcclient.InferenceServerClient(url=self._settings.grpc_url,
-                                                            channel_args=channel_args(self._settings))  # fmt: skip
+            self._client = grpcclient.InferenceServerClient(
+                url=self._settings.grpc_url, channel_args=channel_args(self._settings)
+            )
         give_up = time.monotonic() + timeout_seconds
         while True:
             if await self.ready():
@@ -163,8 +165,10 @@ class TritonBackend:
         logits = result.as_numpy("logits")
         if logits is None:
             raise BackendError(f"inference server returned no 'logits' output for model {model}")
-        return InferOutput(logits=np.asarray(logits, dtype=np.float32),
-                           model_version=result.get_response().model_version or str(version))  # fmt: skip
+        return InferOutput(
+            logits=np.asarray(logits, dtype=np.float32),
+            model_version=result.get_response().model_version or str(version),
+        )
 
     async def ready(self) -> bool:
         """Whether Triton and every started model version answer ready (bounded by health_timeout_seconds)."""
@@ -194,8 +198,9 @@ class TritonBackend:
         client = self._require_client()
         version = self._models.get(model)
         try:
-            cfg = await client.get_model_config(model, "" if version is None else str(version),
-                                                client_timeout=self._settings.health_timeout_seconds)  # fmt: skip
+            cfg = await client.get_model_config(
+                model, "" if version is None else str(version), client_timeout=self._settings.health_timeout_seconds
+            )
         except InferenceServerException as exc:
             raise map_triton_error(exc, model) from None
         value = int(cfg.config.max_batch_size)

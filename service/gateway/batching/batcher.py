@@ -205,10 +205,15 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [
-            Entry(text=t, length=self.encoder.estimate_tokens(t), future=loop.create_future(), enqueued_at=now,
-                  deadline=deadline)
+            Entry(
+                text=t,
+                length=self.encoder.estimate_tokens(t),
+                future=loop.create_future(),
+                enqueued_at=now,
+                deadline=deadline,
+            )
             for t in texts
-        ]  # fmt: skip
+        ]
         try:
             self._queue.put_many(entries, purge=self._purge_dead)
         except ServiceError:
@@ -295,8 +300,13 @@ class DynamicBatcher:
             finally:
                 self._backend_time.observe(time.perf_counter() - t1)
             if out.logits.ndim != 2 or out.logits.shape[0] != len(batch) or out.logits.shape[1] != len(model.labels):
-                logger.error("%s returned logits of shape %s for %d texts and %d labels", model.model_name,
-                             tuple(out.logits.shape), len(batch), len(model.labels))  # fmt: skip
+                logger.error(
+                    "%s returned logits of shape %s for %d texts and %d labels",
+                    model.model_name,
+                    tuple(out.logits.shape),
+                    len(batch),
+                    len(model.labels),
+                )
                 raise Internal("the inference backend returned a malformed result")
             probs = softmax(out.logits)
             elapsed = time.perf_counter() - started

@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor = None
     if args.embedded_triton:
         # Imported only here: the gateway image may run without the embedded server's package.
-        from service.gateway.supervisor import TritonSupervisor
+        from service.triton.supervisor import TritonSupervisor
         from service.triton.launcher import TritonLaunchConfig, TritonStartError
 
         cfg = TritonLaunchConfig(

@@ -17,11 +17,13 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.gateway.api import health, routes, v2
+from service.gateway.api import health, rest_v1, rest_v2
 from service.gateway.api.auth import ApiKeyMiddleware
+from service.gateway.api.http_errors import add_exception_handlers, error_response, internal_error_response
 from service.gateway.backend.base import InferenceBackend
-from service.gateway.errors import PayloadTooLarge, add_exception_handlers, error_response, internal_error_response
-from service.gateway.metrics import NO_VARIANT, GatewayMetrics
+from service.gateway.dataplane import DataPlane
+from service.gateway.errors import PayloadTooLarge
+from service.gateway.metrics import GatewayMetrics
 from service.gateway.runtime import GatewayRuntime
 from service.gateway.settings import Settings
 
@@ -30,6 +32,17 @@ logger = logging.getLogger("service.gateway")
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+#: Route template -> ``operation`` label, from every HTTP transport's table.
+ROUTE_OPERATIONS: dict[str, str] = {**rest_v1.OPERATIONS, **health.OPERATIONS, **rest_v2.OPERATIONS}
+
+
+def route_labels(template: str | None) -> tuple[str, str]:
+    """``(operation, protocol)`` of an HTTP route template (None: no route matched)."""
+    if template is None:
+        return "other", "rest_v1"
+    protocol = "rest_v2" if template == "/v2" or template.startswith("/v2/") else "rest_v1"
+    default = "metadata" if protocol == "rest_v2" else "other"
+    return ROUTE_OPERATIONS.get(template, default), protocol
 
 
 class RequestContextMiddleware:
@@ -37,8 +50,8 @@ class RequestContextMiddleware:
 
     Per HTTP request it: assigns the request id (echoes a sane ``x-request-id`` or generates one); enforces
     ``max_body_bytes`` (413) by reading the body up front, which is bounded by that limit; adds ``x-request-id`` and
-    ``x-total-time`` (integer milliseconds) to the response; counts the request in the metrics by route template and
-    status; and turns any unhandled exception into the generic 500, logging the traceback with the request id.
+    ``x-total-time`` (integer milliseconds) to the response; counts the request in the metrics by operation,
+    protocol, variant and status; and turns any unhandled exception into the generic 500, logging the traceback with the request id.
 
     Args:
         app: The wrapped application.
@@ -86,13 +99,13 @@ class RequestContextMiddleware:
                 await internal_error_response()(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            # The classify route records the variant in the request state only once it is a served one, so the
-            # label stays bounded; every other request is "none".
-            variant = scope.get("state", {}).get("variant", NO_VARIANT)
-            self.metrics.requests_total.labels(route=template, variant=variant, code=str(status_holder["status"])).inc()
-            self.metrics.request_duration_seconds.labels(route=template, variant=variant).observe(
-                time.perf_counter() - started
+            operation, protocol = route_labels(getattr(route, "path", None))
+            # The data plane records the variant in the call info only once it is a served one, so the label stays
+            # bounded; every other request is "none".
+            call = scope.get("state", {}).get("call")
+            variant = getattr(call, "variant", None)
+            self.metrics.observe_request(
+                operation, protocol, variant, status_holder["status"], time.perf_counter() - started
             )
 
 
@@ -165,15 +178,16 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
         backend = TritonBackend(settings.triton)
     metrics = GatewayMetrics(version=__version__, git_sha=settings.build_git_sha)
     runtime = GatewayRuntime(settings, backend, metrics)
+    dataplane = DataPlane(runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         grpc_server = None
         if serve_grpc and settings.grpc_port >= 0:
-            from service.gateway.api.grpc_server import GrpcServer
+            from service.gateway.api.grpc_v2 import GrpcServer
 
-            grpc_server = GrpcServer(runtime, settings.host, settings.grpc_port)
+            grpc_server = GrpcServer(dataplane, settings.host, settings.grpc_port)
             try:
                 app.state.grpc_port = await grpc_server.start()
             except BaseException:
@@ -198,12 +212,13 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.dataplane = dataplane
     app.state.settings = settings
     app.state.grpc_port = None
     add_exception_handlers(app)
-    app.include_router(routes.router)
+    app.include_router(rest_v1.router)
     app.include_router(health.router)
-    app.include_router(v2.router)
+    app.include_router(rest_v2.router)
     if settings.api_keys:
         # Inside the request-context middleware, so refusals still get a request id and are counted.
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)

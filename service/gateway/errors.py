@@ -1,36 +1,29 @@
-"""The gateway's exception hierarchy, its single status table, and the FastAPI handlers that render it.
+"""The gateway's error hierarchy: one class per outcome a client can see, and nothing else.
 
-Every error response has one body shape, ``{"error": str, "error_type": str}``, including FastAPI's own request
-validation errors and unknown routes. Unexpected exceptions become a generic 500 whose body says nothing about the
-exception; the traceback goes to the log with the request id.
+Every class carries its HTTP status, its stable ``error_type`` and its gRPC status name as class attributes, so the
+one status table exists by construction (:data:`ERROR_TABLE` is derived from the classes). Rendering is the
+transports' business: :mod:`service.gateway.api.http_errors` turns these into the one JSON body
+``{"error": str, "error_type": str}``, :mod:`service.gateway.api.grpc_v2` into gRPC statuses. This module imports no
+web or RPC framework, so the batching core and the backend stay free of them.
 """
 
 from __future__ import annotations
-
-import logging
-from typing import Any
-
-import grpc
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-logger = logging.getLogger("service.gateway.errors")
 
 
 class ServiceError(Exception):
     """Base of every error the gateway reports to clients on purpose.
 
     Attributes:
-        status: HTTP status code of the response.
+        status: HTTP status code of the response (also the ``code`` label of the request metrics, every protocol).
         error_type: Stable machine-readable kind, the ``error_type`` field of the body.
+        grpc_code: Name of the ``grpc.StatusCode`` the v2 gRPC service answers with.
         message: Human-readable text, the ``error`` field of the body; never contains internals.
         headers: Extra response headers (e.g. Retry-After).
     """
 
     status: int = 500
     error_type: str = "internal"
+    grpc_code: str = "INTERNAL"
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -43,20 +36,27 @@ class InvalidInput(ServiceError):
 
     status = 422
     error_type = "invalid_input"
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class PayloadTooLarge(ServiceError):
-    """Too many texts in one request, a text too long, or a body over max_body_bytes."""
+    """Too many texts in one request, a text too long, or a body over max_body_bytes.
+
+    INVALID_ARGUMENT over gRPC, not RESOURCE_EXHAUSTED: the request will never fit, so clients that retry on
+    RESOURCE_EXHAUSTED (the overload signal) must not retry it.
+    """
 
     status = 413
     error_type = "payload_too_large"
+    grpc_code = "INVALID_ARGUMENT"
 
 
 class Overloaded(ServiceError):
-    """The variant's queue is full; the client should retry after Retry-After seconds."""
+    """No room for the request now; the client should retry after Retry-After seconds."""
 
     status = 429
     error_type = "overloaded"
+    grpc_code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, message: str, *, retry_after_seconds: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_seconds)})
@@ -68,6 +68,7 @@ class DeadlineExceeded(ServiceError):
 
     status = 504
     error_type = "deadline_exceeded"
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class BackendUnavailable(ServiceError):
@@ -75,6 +76,15 @@ class BackendUnavailable(ServiceError):
 
     status = 503
     error_type = "backend_unavailable"
+    grpc_code = "UNAVAILABLE"
+
+
+class NotReady(ServiceError):
+    """A readiness probe's negative answer (``/readyz``, ``/v2/health/ready``, a model's ready endpoint)."""
+
+    status = 503
+    error_type = "not_ready"
+    grpc_code = "UNAVAILABLE"
 
 
 class BackendError(ServiceError):
@@ -82,6 +92,7 @@ class BackendError(ServiceError):
 
     status = 502
     error_type = "backend_error"
+    grpc_code = "INTERNAL"
 
 
 class Internal(ServiceError):
@@ -89,6 +100,7 @@ class Internal(ServiceError):
 
     status = 500
     error_type = "internal"
+    grpc_code = "INTERNAL"
 
 
 class ModelNotFound(ServiceError):
@@ -96,6 +108,7 @@ class ModelNotFound(ServiceError):
 
     status = 404
     error_type = "not_found"
+    grpc_code = "NOT_FOUND"
 
 
 class Unauthenticated(ServiceError):
@@ -103,6 +116,7 @@ class Unauthenticated(ServiceError):
 
     status = 401
     error_type = "unauthenticated"
+    grpc_code = "UNAUTHENTICATED"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="loraserve"'})
@@ -113,136 +127,51 @@ class PermissionDenied(ServiceError):
 
     status = 403
     error_type = "forbidden"
+    grpc_code = "PERMISSION_DENIED"
 
 
-#: The one table of documented statuses: error class -> (status, error_type). Tests walk it.
-ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
-    cls: (cls.status, cls.error_type)
-    for cls in (InvalidInput, PayloadTooLarge, Overloaded, DeadlineExceeded, BackendUnavailable, BackendError, Internal)
+class ClientClosedRequest(ServiceError):
+    """The client went away while waiting: recorded as 499 (nginx's convention), never seen by the client."""
+
+    status = 499
+    error_type = "client_closed_request"
+    grpc_code = "CANCELLED"
+
+
+#: Every documented outcome: error class -> (HTTP status, error_type, gRPC status name). Derived from the classes,
+#: so it cannot drift from them; tests walk it (one HTTP and one gRPC test per row).
+ERROR_TABLE: dict[type[ServiceError], tuple[int, str, str]] = {
+    cls: (cls.status, cls.error_type, cls.grpc_code)
+    for cls in (
+        InvalidInput,
+        PayloadTooLarge,
+        Overloaded,
+        DeadlineExceeded,
+        BackendUnavailable,
+        NotReady,
+        BackendError,
+        Internal,
+        ModelNotFound,
+        Unauthenticated,
+        PermissionDenied,
+        ClientClosedRequest,
+    )
 }
 
-#: Errors that only some routes raise (the v2 protocol's unknown model, the optional API-key check); kept apart from
-#: ERROR_TABLE, which lists what the classify path can answer.
-EXTRA_ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
-    cls: (cls.status, cls.error_type) for cls in (ModelNotFound, Unauthenticated, PermissionDenied)
-}
-
-#: The gRPC status of each gateway error (the v2 GRPCInferenceService and the docs use this one table).
-#: PayloadTooLarge is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the request will never fit, so clients that retry
-#: on RESOURCE_EXHAUSTED (our overload signal) must not retry it.
-GRPC_STATUS_TABLE: dict[type[ServiceError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    PayloadTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
-    BackendError: grpc.StatusCode.INTERNAL,
-    Internal: grpc.StatusCode.INTERNAL,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-}
-
+#: What a client sees for anything outside the hierarchy (a bug): no exception type or text leaks.
 GENERIC_INTERNAL_MESSAGE = "internal server error"
 
 
-def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """Map any exception to the gRPC status and message a client may see.
-
-    Args:
-        exc: A gateway error, or anything else (a bug).
-
-    Returns:
-        ``(code, message)``; exceptions outside the hierarchy and ``Internal`` give INTERNAL with the generic
-        message, so no exception text leaks.
-    """
-    if isinstance(exc, ServiceError) and not isinstance(exc, Internal):
-        for cls in type(exc).__mro__:
-            if cls in GRPC_STATUS_TABLE:
-                return GRPC_STATUS_TABLE[cls], exc.message
-    return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE
-
-
 def error_body(message: str, error_type: str) -> dict[str, str]:
-    """Build the single error body shape.
-
-    Args:
-        message: Text for the ``error`` field.
-        error_type: Value of the ``error_type`` field.
-
-    Returns:
-        ``{"error": message, "error_type": error_type}``.
-    """
+    """Build the single error body shape ``{"error": message, "error_type": error_type}``."""
     return {"error": message, "error_type": error_type}
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
-    """Render a ServiceError as a JSON response with its status and headers.
+def public_error(exc: BaseException) -> ServiceError:
+    """The error a client may see for ``exc``: itself for a gateway error, the generic Internal for anything else.
 
-    Args:
-        exc: The error to render.
-
-    Returns:
-        The JSON response.
+    ``Internal`` errors also lose their text, which may describe internals.
     """
-    return JSONResponse(error_body(exc.message, exc.error_type), status_code=exc.status, headers=exc.headers)
-
-
-def internal_error_response() -> JSONResponse:
-    """Return the generic 500 response, which deliberately carries no exception type or text."""
-    return JSONResponse(error_body(GENERIC_INTERNAL_MESSAGE, Internal.error_type), status_code=500)
-
-
-def _format_validation_errors(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for err in errors[:10]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
-_HTTP_ERROR_TYPES = {
-    400: "invalid_input",
-    404: "not_found",
-    401: Unauthenticated.error_type,
-    403: PermissionDenied.error_type,
-    405: "method_not_allowed",
-    413: PayloadTooLarge.error_type,
-    422: InvalidInput.error_type,
-}
-
-
-def add_exception_handlers(app: FastAPI) -> None:
-    """Register every exception handler of the gateway in one place.
-
-    The catch-all for unexpected exceptions is not here but in the request middleware (``app.py``): Starlette
-    re-raises exceptions handled by an ``Exception`` handler, and the middleware also knows the request id to log.
-
-    Args:
-        app: The application to configure.
-    """
-
-    async def _service_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ServiceError)
-        return error_response(exc)
-
-    async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, RequestValidationError)
-        message = _format_validation_errors(list(exc.errors()))
-        return JSONResponse(error_body(message, InvalidInput.error_type), status_code=422)
-
-    async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 400:
-            # FastAPI's "error parsing the body" (invalid UTF-8, JSON nested too deep): malformed input, which the
-            # gateway documents as 422 like any other malformed JSON.
-            return JSONResponse(error_body("request body is not valid JSON", InvalidInput.error_type), status_code=422)
-        error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return JSONResponse(
-            error_body(message, error_type), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
-
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    if isinstance(exc, ServiceError) and not isinstance(exc, Internal):
+        return exc
+    return Internal(GENERIC_INTERNAL_MESSAGE)

@@ -1,7 +1,9 @@
 """Every Prometheus metric of the gateway, defined once here.
 
 Names follow Prometheus conventions: the ``gateway_`` prefix, base units in the name (``_seconds``), counters end in
-``_total``, no colons. Labels are bounded: route templates, variants, model names, status codes, reasons.
+``_total``, no colons. Labels are bounded: operations, protocols, variants, model names, status codes, reasons.
+Request series are labelled by what was asked (``operation``) and how (``protocol``), not by URL, so a client that
+switches from v1 REST to ``tritonclient`` over gRPC stays visible to the P99 the autoscaler reads.
 The metrics live on a per-application ``CollectorRegistry`` (not the process-global one), so several apps can exist
 in one process (tests) and nothing is created at import time.
 """
@@ -68,8 +70,12 @@ BATCH_SEQUENCE_LENGTH_BUCKETS = tuple(float(2**i) for i in range(2, 12))
 REJECT_REASONS = ("queue_full", "deadline", "client_disconnect", "shutdown")
 #: ``variant`` label of request-level series for routes that serve no variant (/metrics, probes, unknown variant).
 NO_VARIANT = "none"
-# The route whose latency the recording rules, alerts and the HPA read per variant.
-CLASSIFY_ROUTE = "/v1/classify"
+#: The only values of the ``operation`` label: what the request asked for. The recording rules, alerts and the HPA
+#: read ``operation="classify"`` (every protocol together).
+OPERATIONS = ("classify", "generate", "metadata", "health", "metrics", "other")
+CLASSIFY = "classify"
+#: The only values of the ``protocol`` label.
+PROTOCOLS = ("rest_v1", "rest_v2", "grpc")
 
 
 class GatewayMetrics:
@@ -86,16 +92,18 @@ class GatewayMetrics:
         r = self.registry
         # ``variant`` is set by the classify route once the variant is known to be served (bounded), else "none";
         # it lets P99 be computed per precision variant from the _bucket series (the autoscaler's SLO guard).
+        # ``code`` is the HTTP status, or for gRPC the HTTP status of the same outcome (OK = 200, a gateway error its
+        # class's status, a cancelled call 499): one vocabulary for every protocol.
         self.requests_total = Counter(
             "gateway_requests",
-            "HTTP requests answered, by route template, variant and status code.",
-            ["route", "variant", "code"],
+            "Requests answered, by operation, protocol, variant and (HTTP-equivalent) status code.",
+            ["operation", "protocol", "variant", "code"],
             registry=r,
         )
         self.request_duration_seconds = Histogram(
             "gateway_request_duration_seconds",
-            "Time from request arrival to response start, by route template and variant.",
-            ["route", "variant"],
+            "Time from request arrival to response start, by operation, protocol and variant.",
+            ["operation", "protocol", "variant"],
             buckets=REQUEST_DURATION_BUCKETS_SECONDS,
             registry=r,
         )
@@ -191,12 +199,27 @@ class GatewayMetrics:
         # Without a zero sample before the first request, a variant whose first traffic falls inside one scrape
         # interval has no rate() until its second burst: P99 would read "no data" for exactly the traffic we care
         # about.
-        self.request_duration_seconds.labels(route=CLASSIFY_ROUTE, variant=variant)
-        self.requests_total.labels(route=CLASSIFY_ROUTE, variant=variant, code="200")
+        for protocol in PROTOCOLS:
+            self.request_duration_seconds.labels(operation=CLASSIFY, protocol=protocol, variant=variant)
+            self.requests_total.labels(operation=CLASSIFY, protocol=protocol, variant=variant, code="200")
         self.inflight_batches.labels(variant=variant).set(0)
         self.batch_size.labels(variant=variant)
         self.queue_wait_seconds.labels(variant=variant)
         self.backend_request_duration_seconds.labels(model=model)
+
+    def observe_request(self, operation: str, protocol: str, variant: str | None, code: int, seconds: float) -> None:
+        """Count one answered request and its latency (every transport records through here).
+
+        Args:
+            operation: One of :data:`OPERATIONS`.
+            protocol: One of :data:`PROTOCOLS`.
+            variant: The served variant, or None when there is none (probes, metadata, an unknown variant).
+            code: The HTTP status, or the HTTP-equivalent status of a gRPC outcome.
+            seconds: Arrival to response start.
+        """
+        v = variant or NO_VARIANT
+        self.requests_total.labels(operation=operation, protocol=protocol, variant=v, code=str(code)).inc()
+        self.request_duration_seconds.labels(operation=operation, protocol=protocol, variant=v).observe(seconds)
 
     def set_cpu(self, process_ratio: float | None, host_ratio: float | None) -> None:
         """Record a CPU sample; None (no previous sample yet, or no /proc) leaves the gauge unchanged.

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from service.gateway.backend.base import InferenceBackend
 from service.gateway.batching.batcher import DynamicBatcher
 from service.gateway.batching.policy import BatchLimits
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.repository import BatchEncoder, VariantModel, load_variant_model
+from service.gateway.model import ClassifierModel, Prediction
+from service.gateway.repository import RepositoryError, VariantModel, load_variant_model
 from service.gateway.sampler import ResourceSampler
 from service.gateway.settings import Settings
 
@@ -22,6 +24,19 @@ logger = logging.getLogger("service.gateway")
 
 class StartupError(RuntimeError):
     """The gateway cannot start with this configuration (message names the bad values)."""
+
+
+@dataclass(frozen=True)
+class ServedVariant:
+    """One served variant: its model adapter and the batcher that feeds it.
+
+    Attributes:
+        model: Tokenizes at admission and runs batches (pads, calls the backend, softmax).
+        batcher: The variant's queue and batch loop.
+    """
+
+    model: ClassifierModel
+    batcher: DynamicBatcher[Prediction]
 
 
 class GatewayRuntime:
@@ -38,7 +53,7 @@ class GatewayRuntime:
         self.backend = backend
         self.metrics = metrics
         self.models: dict[str, VariantModel] = {}
-        self.batchers: dict[str, DynamicBatcher] = {}
+        self.served: dict[str, ServedVariant] = {}
         self.server_max_batch_sizes: dict[str, int | None] = {}
         self._draining = False
         self._drain_listeners: list[Callable[[], None]] = []
@@ -80,9 +95,12 @@ class GatewayRuntime:
                 self.models[variant] = load_variant_model(
                     s.triton.model_repository, s.model_name(variant), variant, s.triton.model_version
                 )
-        except RuntimeError as exc:
+            adapters = {
+                v: ClassifierModel(m, self.backend, self.metrics, tokenize_in_thread=s.batch.tokenize_in_thread)
+                for v, m in self.models.items()
+            }
+        except RepositoryError as exc:
             raise StartupError(f"model repository {s.triton.model_repository}: {exc}") from None
-        encoders = {v: BatchEncoder(m.version_dir / "tokenizer.json", m.max_length) for v, m in self.models.items()}
         wanted = {m.model_name: m.version for m in self.models.values()}
         try:
             await self.backend.start(wanted, timeout_seconds=s.triton.startup_timeout_seconds)
@@ -106,20 +124,20 @@ class GatewayRuntime:
         )
         for variant, m in self.models.items():
             self.metrics.init_variant(variant, m.model_name)
-            self.batchers[variant] = DynamicBatcher(
-                m,
-                encoders[variant],
-                self.backend,
+            adapter = adapters[variant]
+            batcher: DynamicBatcher[Prediction] = DynamicBatcher(
+                variant,
+                adapter.process,
                 limits=limits,
                 max_queue_size=s.batch.max_queue_size,
                 max_inflight_batches=s.batch.max_inflight_batches,
                 retry_after_seconds=s.retry_after_seconds,
                 metrics=self.metrics,
-                tokenize_in_thread=s.batch.tokenize_in_thread,
                 flush_when_idle=s.batch.flush_when_idle,
             )
-        for b in self.batchers.values():
-            await b.start()
+            self.served[variant] = ServedVariant(model=adapter, batcher=batcher)
+        for sv in self.served.values():
+            await sv.batcher.start()
         self.sampler.start()
         self.started = True
         logger.info("gateway ready: variants %s, backend models %s", list(self.models), wanted)
@@ -127,7 +145,7 @@ class GatewayRuntime:
     async def stop(self) -> None:
         """Drain: refuse new work, let every batcher finish what it accepted (bounded), close the backend."""
         self.draining = True
-        await asyncio.gather(*(b.stop(self.settings.drain_timeout_seconds) for b in self.batchers.values()))
+        await asyncio.gather(*(sv.batcher.stop(self.settings.drain_timeout_seconds) for sv in self.served.values()))
         await self.backend.aclose()
         self.sampler.stop()
         self.started = False
@@ -140,7 +158,7 @@ class GatewayRuntime:
         """
         if self.draining:
             return False, "gateway is draining"
-        if not self.started or not all(b.running for b in self.batchers.values()):
+        if not self.started or not all(sv.batcher.running for sv in self.served.values()):
             return False, "batchers are not running"
         if not await self.backend.ready():
             return False, "inference server or a served model is not ready"

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.triton import repository
+
 _VARIANT_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
 
 
@@ -256,4 +258,4 @@ class Settings(BaseSettings):
         Returns:
             ``<model_name_prefix>_<variant>``.
         """
-        return f"{self.triton.model_name_prefix}_{variant}"
+        return repository.model_name(variant, self.triton.model_name_prefix)

@@ -18,7 +18,7 @@ import tritonclient.grpc.aio as grpcaio
 from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Tokenizer
 
-from tests.integration.gateway_fixtures import (
+from tests.helpers.gateway_process import (
     GatewayProcess,
     RecordingTritonBackend,
     closed_port,

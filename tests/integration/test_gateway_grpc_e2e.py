@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.gateway_fixtures import GatewayProcess
+from tests.helpers.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.gateway_fixtures import REPO_ROOT, GatewayProcess
+from tests.helpers.gateway_process import REPO_ROOT, GatewayProcess
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.gateway_fixtures import REPO_ROOT, GatewayProcess, closed_port
+from tests.helpers.gateway_process import REPO_ROOT, GatewayProcess, closed_port
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 Every scenario runs ``python -m service.gateway`` as a process against a real tritonserver and drives it over HTTP
 from this process. Loops are bounded by count and by the clock; figures go to the reliability JSON
-(test_reliability_report.py) for docs/reliability.md.
+(tests/helpers/reliability.py) for docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -17,37 +17,14 @@ from collections import Counter
 import httpx
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.gateway_fixtures import GatewayProcess
-from tests.integration.test_reliability_report import record
+from tests.helpers.gateway_process import QUESTIONS, external_gateway, metric_value
+from tests.helpers.reliability import record
 
 pytestmark = pytest.mark.integration
 
-QUESTIONS = ["Who wrote Hamlet ?", "Where is Rome ?", "What is a meteor ?", "How far is the moon ?"]
 TRITON_PID = re.compile(r"embedded Triton ready: .*\(pid (\d+)\)")
 RESTARTED = re.compile(r"embedded tritonserver restarted \(pid (\d+)\)")
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def _gateway(triton_server, model_repository, tmp_path, **env: str) -> GatewayProcess:
-    base = {
-        "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
-        "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
-        "GATEWAY_GRPC_PORT": "-1",
-        "GATEWAY_VARIANTS": "int8",
-        "GATEWAY_DRAIN_GRACE_SECONDS": "0",
-        "GATEWAY_LOG_LEVEL": "warning",
-    }
-    return GatewayProcess([], {**base, **env}, tmp_path / "gateway.log")
 
 
 def _inference_count(grpc_url: str, model: str = "classifier_int8") -> int:
@@ -162,7 +139,7 @@ def test_triton_killed_mid_load_fails_fast_then_recovers(model_repository, tmp_p
 
 def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repository, tmp_path):
     max_queue = 64
-    gw = _gateway(
+    gw = external_gateway(
         triton_server,
         model_repository,
         tmp_path,
@@ -188,7 +165,7 @@ def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repo
 
         async def watch_depth(c: httpx.AsyncClient) -> None:
             for _ in range(30):  # bounded: 3 s of samples
-                depths.append(_metric((await c.get("/metrics")).text, "gateway_queue_depth", variant="int8"))
+                depths.append(metric_value((await c.get("/metrics")).text, "gateway_queue_depth", variant="int8"))
                 await asyncio.sleep(0.1)
 
         async def main() -> list[tuple[int | None, float]]:
@@ -222,7 +199,7 @@ def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repo
         assert set(codes) <= {504, 429}, codes  # 429 only if the queue filled; never a hang or a 5xx other than 504
         assert codes[504] >= 1
         assert slowest <= deadline_ms / 1000 + 1.5
-        assert max(depths) <= max_queue and _metric(after, "gateway_queue_depth", variant="int8") == 0
+        assert max(depths) <= max_queue and metric_value(after, "gateway_queue_depth", variant="int8") == 0
     finally:
         if stopped:
             os.kill(triton_server.pid, signal.SIGCONT)
@@ -236,7 +213,7 @@ def test_triton_stalled_requests_end_at_their_deadline(triton_server, model_repo
 
 
 def test_disconnected_clients_work_never_reaches_triton(triton_server, model_repository, tmp_path):
-    gw = _gateway(
+    gw = external_gateway(
         triton_server,
         model_repository,
         tmp_path,
@@ -265,13 +242,13 @@ def test_disconnected_clients_work_never_reaches_triton(triton_server, model_rep
         dropped = 0.0
         for _ in range(50):  # bounded: the batcher looks at the queue when the 2 s wait of the oldest is over
             text = httpx.get(f"{url}/metrics", timeout=10).text
-            dropped = _metric(text, "gateway_requests_rejected_total", reason="client_disconnect") - _metric(
+            dropped = metric_value(text, "gateway_requests_rejected_total", reason="client_disconnect") - metric_value(
                 before, "gateway_requests_rejected_total", reason="client_disconnect"
             )
             if dropped >= n:
                 break
             time.sleep(0.1)
-        batches = _metric(text, "gateway_batch_size_count", variant="int8") - _metric(
+        batches = metric_value(text, "gateway_batch_size_count", variant="int8") - metric_value(
             before, "gateway_batch_size_count", variant="int8"
         )
         triton_delta = _inference_count(triton_server.grpc_url) - before_triton
@@ -295,7 +272,7 @@ def test_disconnected_clients_work_never_reaches_triton(triton_server, model_rep
 
 
 def test_sigterm_finishes_accepted_work_then_exits(triton_server, model_repository, tmp_path):
-    gw = _gateway(
+    gw = external_gateway(
         triton_server,
         model_repository,
         tmp_path,
@@ -321,7 +298,7 @@ def test_sigterm_finishes_accepted_work_then_exits(triton_server, model_reposito
                 accepted = [asyncio.create_task(send(c, i)) for i in range(n_before)]
                 for _ in range(100):  # bounded: until the texts sit in the queue (max_wait 0.5 s holds them)
                     text = (await c.get("/metrics")).text
-                    if _metric(text, "gateway_queue_depth", variant="int8") >= 4 * n_before:
+                    if metric_value(text, "gateway_queue_depth", variant="int8") >= 4 * n_before:
                         break
                     await asyncio.sleep(0.01)
                 gw.proc.send_signal(signal.SIGTERM)

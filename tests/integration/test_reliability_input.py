@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.gateway_fixtures import gateway_client, gateway_settings
-from tests.integration.test_reliability_report import record
+from tests.helpers.gateway_process import gateway_client, gateway_settings
+from tests.helpers.reliability import record
 
 pytestmark = pytest.mark.integration
 

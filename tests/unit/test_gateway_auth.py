@@ -12,7 +12,8 @@ from tritonclient.utils import InferenceServerException
 from service.gateway.api.auth import KeyChecker, presented_key
 from service.gateway.errors import PermissionDenied, Unauthenticated
 from service.gateway.settings import Settings
-from tests.unit.test_gateway_grpc import make_settings, repo, serve, text_input  # noqa: F401 - repo is a fixture
+from tests.helpers.gateway import make_settings, text_input
+from tests.helpers.gateway import serve_with_grpc as serve
 
 KEY = "k" * 8 + "-secret-0001"
 OTHER = "o" * 8 + "-secret-0002"
@@ -39,7 +40,7 @@ def test_key_checker_and_header_forms():
     assert presented_key([("authorization", f"Basic {KEY}")]) is None
 
 
-async def test_rest_401_403_200_and_exempt_paths(repo):  # noqa: F811
+async def test_rest_401_403_200_and_exempt_paths(repo):
     async with serve(make_settings(repo, api_keys=KEY)) as (client, _url, _app):
         missing = await client.post("/v1/classify", json={"text": "a ?"})
         wrong = await client.post("/v1/classify", json={"text": "a ?"}, headers={"x-api-key": OTHER})
@@ -56,7 +57,7 @@ async def test_rest_401_403_200_and_exempt_paths(repo):  # noqa: F811
     assert [r.status_code for r in exempt] == [200] * len(exempt)
 
 
-async def test_grpc_unauthenticated_permission_denied_ok_and_health_exempt(repo):  # noqa: F811
+async def test_grpc_unauthenticated_permission_denied_ok_and_health_exempt(repo):
     async with serve(make_settings(repo, api_keys=KEY)) as (_client, url, _app):
         client = grpcaio.InferenceServerClient(url)
         try:
@@ -78,6 +79,6 @@ async def test_grpc_unauthenticated_permission_denied_ok_and_health_exempt(repo)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_auth_is_off_by_default(repo):  # noqa: F811
+async def test_auth_is_off_by_default(repo):
     async with serve(make_settings(repo)) as (client, _url, _app):
         assert (await client.post("/v1/classify", json={"text": "a ?"})).status_code == 200

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from service.gateway.app import create_app
 from service.gateway.backend.fake import FakeBackend, write_fake_repository
 from service.gateway.settings import Settings
-from tests.integration.test_reliability_report import record
-from tests.unit.test_batching_batcher import LABELS, base_tokenizer_json
+from tests.helpers.gateway import LABELS, base_tokenizer_json
+from tests.helpers.reliability import record
 
 MAX_EXAMPLES = 40
 

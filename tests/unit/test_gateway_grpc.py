@@ -1,4 +1,4 @@
-"""The v2 gRPC server and the v2 REST routes through the real app factory, with the fake backend.
+"""The v2 gRPC server through the real app factory, with the fake backend.
 
 Real grpc.aio server on a free 127.0.0.1 port, real tritonclient clients; only the inference server is faked, so
 overload, unavailability and deadlines can be produced on demand. One test per documented gRPC status.
@@ -8,85 +8,39 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcaio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.gateway.api import tensors
-from service.gateway.app import create_app
-from service.gateway.backend.fake import FakeBackend, write_fake_repository
-from service.gateway.errors import (
-    ERROR_TABLE,
-    EXTRA_ERROR_TABLE,
-    GRPC_STATUS_TABLE,
-    BackendError,
-    BackendUnavailable,
-    Internal,
-    grpc_status,
+from service.gateway.api.grpc_v2 import grpc_status
+from service.gateway.backend.fake import FakeBackend
+from service.gateway.errors import ERROR_TABLE, BackendError, BackendUnavailable, Internal, Overloaded
+from tests.helpers.gateway import (
+    LABELS,
+    TEXTS,
+    grpc_error,
+    grpc_infer,
+    make_settings,
+    rest_probabilities,
+    text_input,
 )
-from service.gateway.settings import Settings
-from tests.unit.test_batching_batcher import LABELS, SHORT, base_tokenizer_json
-
-TEXTS = [SHORT, "Where is Rome ?", "How far is the moon ?"]
-
-
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    return write_fake_repository(tmp_path / "repo", base_tokenizer_json(), labels=LABELS)
-
-
-def make_settings(repo: Path, **kw) -> Settings:
-    batch = {"max_wait_seconds": 0.0, **kw.pop("batch", {})}
-    return Settings(triton={"model_repository": repo}, batch=batch, grpc_port=0, **kw)
-
-
-@asynccontextmanager
-async def serve(settings: Settings, backend: FakeBackend | None = None):
-    """The app with its gRPC server; yields (http client, grpc url, app)."""
-    backend = backend or FakeBackend(len(LABELS))
-    app = create_app(settings, backend, serve_grpc=True)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client, f"127.0.0.1:{app.state.grpc_port}", app
-
-
-def text_input(texts: list[str], shape: list[int] | None = None) -> grpcaio.InferInput:
-    tensor = grpcaio.InferInput("text", shape or [len(texts)], "BYTES")
-    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object).reshape(shape or [len(texts)]))
-    return tensor
-
-
-async def grpc_infer(url: str, texts: list[str], model: str = "classifier", **kw):
-    client = grpcaio.InferenceServerClient(url)
-    try:
-        return await client.infer(model, [text_input(texts)], **kw)
-    finally:
-        await client.close()
-
-
-async def grpc_error(url: str, texts: list[str], **kw) -> InferenceServerException:
-    with pytest.raises(InferenceServerException) as info:
-        await grpc_infer(url, texts, **kw)
-    return info.value
-
-
-def rest_probabilities(body: dict) -> np.ndarray:
-    return np.array([[r["probabilities"][lbl] for lbl in LABELS] for r in body["results"]])
+from tests.helpers.gateway import serve_with_grpc as serve
 
 
 def test_every_error_has_a_grpc_status():
-    for cls in [*ERROR_TABLE, *EXTRA_ERROR_TABLE]:
-        assert cls in GRPC_STATUS_TABLE, cls
-    assert grpc_status(RuntimeError("secret")) == (grpc.StatusCode.INTERNAL, "internal server error")
-    assert grpc_status(Internal("detail")) == (grpc.StatusCode.INTERNAL, "internal server error")
+    for cls, (status, _, code) in ERROR_TABLE.items():
+        exc = cls("boom", retry_after_seconds=1) if cls is Overloaded else cls("boom")
+        mapped, message, http_status = grpc_status(exc)
+        assert mapped == grpc.StatusCode[code], cls
+        assert http_status == status
+        assert message == ("internal server error" if cls is Internal else "boom")
+    assert grpc_status(RuntimeError("secret")) == (grpc.StatusCode.INTERNAL, "internal server error", 500)
+    assert grpc_status(Internal("detail")) == (grpc.StatusCode.INTERNAL, "internal server error", 500)
+    assert grpc_status(BackendUnavailable("down")) == (grpc.StatusCode.UNAVAILABLE, "down", 503)
 
 
 async def test_grpc_infer_matches_v1_classify(repo):
@@ -160,7 +114,7 @@ async def test_resource_exhausted_on_overload_with_retry_after(repo):
         busy = asyncio.create_task(client.post("/v1/classify", json={"text": "in flight"}))
         await backend.wait_entered(1)
         queued = asyncio.create_task(client.post("/v1/classify", json={"text": "queued"}))
-        batcher = app.state.runtime.batchers["int8"]
+        batcher = app.state.runtime.served["int8"].batcher
         for _ in range(500):  # bounded: until the second request sits in the queue
             if batcher.queue_depth == 1:
                 break
@@ -233,7 +187,8 @@ async def test_deadline_exceeded_honours_the_client_deadline(repo):
         metrics = app.state.runtime.metrics.render()[0].decode()
     assert grpc_deadline.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert triton_timeout.status() == "StatusCode.DEADLINE_EXCEEDED"
-    assert 'route="/inference.GRPCInferenceService/ModelInfer"' in metrics
+    # Counted as classify over gRPC, with the HTTP-equivalent code of DEADLINE_EXCEEDED (504): one vocabulary.
+    assert 'gateway_requests_total{code="504",operation="classify",protocol="grpc",variant="int8"} 2.0' in metrics
 
 
 async def test_grpc_and_rest_share_batches(repo):
@@ -254,77 +209,3 @@ async def test_grpc_and_rest_share_batches(repo):
     assert sum(c.rows for c in backend.calls) == 12
     assert len(backend.calls) < 12  # fewer backend calls than requests...
     assert max(c.rows for c in backend.calls) > 4  # ...and at least one batch mixed the protocols
-
-
-async def test_v2_rest_json_and_errors(repo):
-    async with serve(make_settings(repo, max_client_batch_size=3)) as (client, _url, _app):
-        ok = await client.post(
-            "/v2/models/classifier_fp16/infer",
-            json={
-                "id": "r1",
-                "inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["a b"], ["c"]]}],
-                "outputs": [{"name": "labels"}],
-            },
-        )
-        live = await client.get("/v2/health/live")
-        ready = await client.get("/v2/health/ready")
-        meta = await client.get("/v2/models/classifier")
-        unknown = await client.get("/v2/models/nope")
-        bad_version = await client.get("/v2/models/classifier_int8/versions/7/ready")
-        too_many = await client.post(
-            "/v2/models/classifier/infer",
-            json={"inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": ["a"] * 4}]},
-        )
-        wrong_type = await client.post(
-            "/v2/models/classifier/infer",
-            json={"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]},
-        )
-        mismatch = await client.post(
-            "/v2/models/classifier/infer",
-            json={"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]},
-        )
-    assert ok.status_code == 200, ok.text
-    body = ok.json()
-    assert body["id"] == "r1" and body["model_name"] == "classifier_fp16"
-    (labels,) = body["outputs"]
-    assert labels["name"] == "labels" and labels["shape"] == [2] and set(labels["data"]) <= set(LABELS)
-    assert live.json() == {"live": True} and ready.json() == {"ready": True}
-    assert meta.json()["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-    for resp, status in ((unknown, 404), (bad_version, 404), (too_many, 413), (wrong_type, 422), (mismatch, 422)):
-        assert resp.status_code == status, resp.text
-        assert set(resp.json()) == {"error", "error_type"}
-
-
-async def test_v2_rest_binary_tensor_data(repo):
-    raw = tensors.encode_bytes_tensor([t.encode() for t in TEXTS])
-    header = json.dumps(
-        {
-            "inputs": [
-                {"name": "text", "shape": [3], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
-    async with serve(make_settings(repo)) as (client, _url, _app):
-        rest = (await client.post("/v1/classify", json={"texts": TEXTS})).json()
-        resp = await client.post(
-            "/v2/models/classifier/infer",
-            content=header + raw,
-            headers={"Inference-Header-Content-Length": str(len(header)), "content-type": "application/octet-stream"},
-        )
-        truncated = await client.post(
-            "/v2/models/classifier/infer",
-            content=header + raw[:-2],
-            headers={"Inference-Header-Content-Length": str(len(header))},
-        )
-    assert resp.status_code == 200, resp.text
-    n = int(resp.headers["inference-header-content-length"])
-    head = json.loads(resp.content[:n])
-    sizes = [o["parameters"]["binary_data_size"] for o in head["outputs"]]
-    blob = resp.content[n:]
-    probs = np.frombuffer(blob[: sizes[0]], dtype="<f4").reshape(len(TEXTS), len(LABELS))
-    np.testing.assert_allclose(probs, rest_probabilities(rest), atol=1e-6)
-    assert [b.decode() for b in tensors.decode_bytes_tensor(blob[sizes[0] :], max_items=10)] == [
-        r["label"] for r in rest["results"]
-    ]
-    assert truncated.status_code == 422

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,40 +14,7 @@ from service.gateway.app import create_app
 from service.gateway.backend.fake import FakeBackend, write_fake_repository
 from service.gateway.errors import BackendError, BackendUnavailable
 from service.gateway.runtime import StartupError
-from service.gateway.settings import Settings
-from tests.unit.test_batching_batcher import LABELS, LONG, SHORT, base_tokenizer_json
-
-ERROR_KEYS = {"error", "error_type"}
-
-
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    return write_fake_repository(tmp_path / "repo", base_tokenizer_json(), labels=LABELS)
-
-
-def make_settings(repo: Path, **kw) -> Settings:
-    batch = {"max_wait_seconds": 0.0, **kw.pop("batch", {})}
-    return Settings(triton={"model_repository": repo}, batch=batch, **kw)
-
-
-@asynccontextmanager
-async def serve(settings: Settings, backend: FakeBackend | None = None):
-    backend = backend or FakeBackend(len(LABELS))
-    app = create_app(settings, backend)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            client.app = app  # type: ignore[attr-defined]
-            yield client
-
-
-def assert_error(resp: httpx.Response, status: int, error_type: str) -> dict:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert set(body) == ERROR_KEYS and isinstance(body["error"], str) and body["error"]
-    assert body["error_type"] == error_type
-    assert resp.headers["x-request-id"]
-    return body
+from tests.helpers.gateway import LABELS, LONG, SHORT, assert_error, base_tokenizer_json, make_settings, serve
 
 
 async def test_200_single_text(repo):
@@ -140,7 +105,7 @@ async def test_429_queue_full_with_retry_after(repo):
         busy = asyncio.create_task(client.post("/v1/classify", json={"text": "in flight"}))
         await backend.wait_entered(1)
         queued = asyncio.create_task(client.post("/v1/classify", json={"text": "queued"}))
-        batcher = client.app.state.runtime.batchers["int8"]
+        batcher = client.app.state.runtime.served["int8"].batcher
         for _ in range(500):  # bounded: until the second request sits in the queue
             if batcher.queue_depth == 1:
                 break
@@ -199,11 +164,11 @@ async def test_500_does_not_leak_the_exception(repo):
 async def test_500_from_a_route_bug_does_not_leak(repo):
     async with serve(make_settings(repo)) as client:
         runtime = client.app.state.runtime
-        batchers, runtime.batchers = runtime.batchers, None  # breaks the route: AttributeError inside the handler
+        served, runtime.served = runtime.served, None  # breaks the route: AttributeError inside the handler
         try:
             resp = await client.post("/v1/classify", json={"text": "a"})
         finally:
-            runtime.batchers = batchers
+            runtime.served = served
     assert_error(resp, 500, "internal")
     assert "NoneType" not in resp.text and "AttributeError" not in resp.text
 
@@ -269,7 +234,7 @@ async def test_client_disconnect_is_dropped_and_counted(repo):
                 "server": ("gateway", 80),
             }
             call = asyncio.create_task(app(scope, receive, send))
-            batcher = app.state.runtime.batchers["int8"]
+            batcher = app.state.runtime.served["int8"].batcher
             for _ in range(500):  # bounded: until the text is queued
                 if batcher.queue_depth == 1:
                     break
@@ -356,7 +321,8 @@ async def test_metrics_follow_the_naming_rules(repo):
             assert name.endswith("_seconds")
         for s in fam.samples:  # bounded labels: never a request id or an input
             assert set(s.labels) <= {
-                "route",
+                "operation",
+                "protocol",
                 "code",
                 "variant",
                 "model",
@@ -366,8 +332,9 @@ async def test_metrics_follow_the_naming_rules(repo):
                 "git_sha",
                 "le",
             }
-    assert _sample(text, "gateway_requests_total", route="/v1/classify", variant="int8", code="200") == 1
-    assert _sample(text, "gateway_requests_total", route="/v1/classify", variant="fp16", code="200") == 1
+    labels = {"operation": "classify", "protocol": "rest_v1", "code": "200"}
+    assert _sample(text, "gateway_requests_total", variant="int8", **labels) == 1
+    assert _sample(text, "gateway_requests_total", variant="fp16", **labels) == 1
 
 
 def _sample(text: str, name: str, **labels: str) -> float:

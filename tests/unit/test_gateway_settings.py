@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.gateway import errors
+from service.gateway.api.http_errors import error_response
 from service.gateway.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -78,18 +79,46 @@ def test_every_setting_is_documented():
 
 
 def test_error_table_matches_the_documented_statuses():
-    assert {cls.__name__: status for cls, (status, _) in errors.ERROR_TABLE.items()} == {
-        "InvalidInput": 422,
-        "PayloadTooLarge": 413,
-        "Overloaded": 429,
-        "DeadlineExceeded": 504,
-        "BackendUnavailable": 503,
-        "BackendError": 502,
-        "Internal": 500,
+    # One table by construction: every class carries (HTTP status, error_type, gRPC status) as class attributes.
+    assert {cls.__name__: row for cls, row in errors.ERROR_TABLE.items()} == {
+        "InvalidInput": (422, "invalid_input", "INVALID_ARGUMENT"),
+        "PayloadTooLarge": (413, "payload_too_large", "INVALID_ARGUMENT"),
+        "Overloaded": (429, "overloaded", "RESOURCE_EXHAUSTED"),
+        "DeadlineExceeded": (504, "deadline_exceeded", "DEADLINE_EXCEEDED"),
+        "BackendUnavailable": (503, "backend_unavailable", "UNAVAILABLE"),
+        "NotReady": (503, "not_ready", "UNAVAILABLE"),
+        "BackendError": (502, "backend_error", "INTERNAL"),
+        "Internal": (500, "internal", "INTERNAL"),
+        "ModelNotFound": (404, "not_found", "NOT_FOUND"),
+        "Unauthenticated": (401, "unauthenticated", "UNAUTHENTICATED"),
+        "PermissionDenied": (403, "forbidden", "PERMISSION_DENIED"),
+        "ClientClosedRequest": (499, "client_closed_request", "CANCELLED"),
     }
-    assert len({t for _, t in errors.ERROR_TABLE.values()}) == len(errors.ERROR_TABLE)
+    assert len({t for _, t, _ in errors.ERROR_TABLE.values()}) == len(errors.ERROR_TABLE)
+    # Every ServiceError subclass defined in the module is in the table (no error outside it).
+    defined = {
+        obj for obj in vars(errors).values() if isinstance(obj, type) and issubclass(obj, errors.ServiceError)
+    } - {errors.ServiceError}
+    assert defined == set(errors.ERROR_TABLE)
     exc = errors.Overloaded("full", retry_after_seconds=4)
-    assert errors.error_response(exc).headers["retry-after"] == "4"
+    assert error_response(exc).headers["retry-after"] == "4"
+
+
+def test_batching_errors_and_backend_import_no_web_or_rpc_framework():
+    # The batching core and the error hierarchy must stay importable without fastapi/starlette/grpc; the backend
+    # may pull grpc only through the Triton client.
+    code = (
+        "import sys\n"
+        "import service.gateway.batching.batcher, service.gateway.batching.policy, service.gateway.batching.queue\n"
+        "import service.gateway.errors, service.gateway.model, service.triton.repository\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', 'grpc', 'uvicorn', 'pydantic'})\n"
+        "assert not bad, bad\n"
+        "import service.gateway.backend.triton\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', 'uvicorn'})\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def test_gateway_never_imports_modelprep_torch_or_transformers():

@@ -17,17 +17,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.gateway.backend.fake import FakeBackend
 from service.gateway.errors import BackendError
-from service.gateway.metrics import REJECT_REASONS, REQUEST_DURATION_BUCKETS_SECONDS, GatewayMetrics
+from service.gateway.metrics import (
+    OPERATIONS,
+    PROTOCOLS,
+    REJECT_REASONS,
+    REQUEST_DURATION_BUCKETS_SECONDS,
+    GatewayMetrics,
+)
 from service.gateway.sampler import GpuSample, ResourceSampler
-from tests.unit.test_batching_batcher import LABELS, SHORT
-from tests.unit.test_gateway_http import make_settings, repo, serve  # noqa: F401 - repo is a fixture
+from tests.helpers.gateway import LABELS, SHORT, make_settings, serve
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: name (without _total for counters) -> (type, label names). The contract operators and the autoscaler rely on.
 EXPECTED = {
-    "gateway_requests": ("counter", {"route", "variant", "code"}),
-    "gateway_request_duration_seconds": ("histogram", {"route", "variant"}),
+    "gateway_requests": ("counter", {"operation", "protocol", "variant", "code"}),
+    "gateway_request_duration_seconds": ("histogram", {"operation", "protocol", "variant"}),
     "gateway_queue_wait_seconds": ("histogram", {"variant"}),
     "gateway_batch_size": ("histogram", {"variant"}),
     "gateway_batch_sequence_length": ("histogram", {"variant"}),
@@ -94,7 +99,7 @@ def check_family(fam, kind: str, labels: set[str]) -> None:
         assert "+Inf" in les, name
 
 
-async def test_every_gateway_metric_follows_the_conventions(repo):  # noqa: F811
+async def test_every_gateway_metric_follows_the_conventions(repo):
     backend = FakeBackend(len(LABELS))
     text = await _scrape(make_settings(repo), backend)
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -110,7 +115,7 @@ async def test_every_gateway_metric_follows_the_conventions(repo):  # noqa: F811
     # Bounded label values.
     for s in families["gateway_requests"].samples:
         assert s.labels["variant"] in {"int8", "fp16", "none"}, s.labels  # the unknown "nope" became "none"
-        assert s.labels["route"].startswith("/") or s.labels["route"] == "unmatched"
+        assert s.labels["operation"] in OPERATIONS and s.labels["protocol"] in PROTOCOLS, s.labels
         assert re.fullmatch(r"\d{3}", s.labels["code"])
     reasons = {s.labels["reason"] for s in families["gateway_requests_rejected"].samples}
     assert reasons == set(REJECT_REASONS)
@@ -124,25 +129,25 @@ async def test_every_gateway_metric_follows_the_conventions(repo):  # noqa: F811
         assert "gateway_gpu_utilization_ratio" not in text
 
 
-async def test_classify_latency_series_exist_at_zero_for_every_variant_before_traffic(repo):  # noqa: F811
+async def test_classify_latency_series_exist_at_zero_for_every_variant_before_traffic(repo):
     # A variant's first burst that fits inside one scrape interval must still give rate() two samples (0, then n):
     # otherwise its P99 recording rule reads "no data" until the second burst.
     async with serve(make_settings(repo)) as client:
         text = (await client.get("/metrics")).text
     fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_request_duration_seconds"]
     counts = {
-        s.labels["variant"]: s.value
+        (s.labels["variant"], s.labels["protocol"]): s.value
         for s in fam.samples
-        if s.name.endswith("_count") and s.labels["route"] == "/v1/classify"
+        if s.name.endswith("_count") and s.labels["operation"] == "classify"
     }
-    assert counts == {"int8": 0.0, "fp16": 0.0}
+    assert counts == {(v, p): 0.0 for v in ("int8", "fp16") for p in PROTOCOLS}
     fam = {f.name: f for f in text_string_to_metric_families(text)}["gateway_requests"]
     ok = {
-        s.labels["variant"]: s.value
+        (s.labels["variant"], s.labels["protocol"]): s.value
         for s in fam.samples
-        if s.name.endswith("_total") and s.labels["route"] == "/v1/classify" and s.labels["code"] == "200"
+        if s.name.endswith("_total") and s.labels["operation"] == "classify" and s.labels["code"] == "200"
     }
-    assert ok == {"int8": 0.0, "fp16": 0.0}
+    assert ok == {(v, p): 0.0 for v in ("int8", "fp16") for p in PROTOCOLS}
 
 
 def test_request_duration_buckets_resolve_p99_between_5ms_and_2s():

@@ -17,7 +17,8 @@ import grpc
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.gateway.errors import PermissionDenied, ServiceError, Unauthenticated, error_response
+from service.gateway.api.http_errors import error_response
+from service.gateway.errors import PermissionDenied, ServiceError, Unauthenticated
 
 #: Paths that never need a key (exact paths, or prefixes ending in '/').
 EXEMPT_PATHS = ("/healthz", "/readyz", "/metrics", "/health/", "/v2/health/")
@@ -136,7 +137,7 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(exc: ServiceError, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    code = grpc.StatusCode.UNAUTHENTICATED if isinstance(exc, Unauthenticated) else grpc.StatusCode.PERMISSION_DENIED
+    code = grpc.StatusCode[exc.grpc_code]
 
     async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, exc.message)

@@ -9,10 +9,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.gateway.api.http_common import get_dataplane
+from service.gateway.api.http_errors import error_response
 from service.gateway.api.schemas import ErrorResponse, HealthResponse
-from service.gateway.errors import error_body
+from service.gateway.errors import NotReady
 
 router = APIRouter()
+#: Route template -> ``operation`` label of the request metrics.
+OPERATIONS = {"/healthz": "health", "/health/live": "health", "/readyz": "health", "/health/ready": "health"}
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process is up")
@@ -38,7 +42,7 @@ async def readyz(request: Request) -> HealthResponse | JSONResponse:
     Returns:
         ``{"status": "ready"}`` or a 503 error body.
     """
-    ready, reason = await request.app.state.runtime.readiness()
+    ready, reason = await get_dataplane(request).readiness()
     if ready:
         return HealthResponse(status="ready")
-    return JSONResponse(error_body(reason, "not_ready"), status_code=503)
+    return error_response(NotReady(reason))

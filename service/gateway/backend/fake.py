@@ -8,7 +8,6 @@ result rows, readiness, and a server-side max_batch_size.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from service.gateway.backend.base import InferOutput
+from service.triton import repository as contract
 
 
 @dataclass(frozen=True)
@@ -172,16 +172,14 @@ def write_fake_repository(
         ``root``.
     """
     for variant in variants:
-        name = f"{model_name_prefix}_{variant}"
-        vdir = root / name / str(version)
+        name = contract.model_name(variant, model_name_prefix)
+        vdir = contract.version_dir(root, name, version)
         vdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tokenizer_json, vdir / "tokenizer.json")
-        meta = {
-            "labels": list(labels),
-            "max_length": max_length,
-            "variant": variant,
-            "model_name": name,
-            "version": version,
-        }
-        (vdir / "labels.json").write_text(json.dumps(meta), encoding="utf-8")
+        shutil.copyfile(tokenizer_json, vdir / contract.TOKENIZER_FILE)
+        contract.write_labels(
+            vdir,
+            contract.LabelsFile(
+                labels=tuple(labels), max_length=max_length, variant=variant, model_name=name, version=version
+            ),
+        )
     return root

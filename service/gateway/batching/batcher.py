@@ -1,10 +1,14 @@
-"""The dynamic batcher of one variant: waits, forms batches by the policy, calls the backend, fans results out.
+"""The dynamic batcher of one variant: waits, forms batches by the policy, calls ``process``, fans results out.
+
+It knows nothing of the model (Ray Serve's ``@serve.batch`` shape): entries carry an opaque item and its exact
+token count, and an async ``process(items) -> results`` supplied by the model adapter does the work of one batch
+(:class:`service.gateway.model.ClassifierModel` pads, calls Triton and turns logits into probabilities).
 
 One background task per variant forms batches; each batch then runs as its own task, at most
 ``max_inflight_batches`` at a time, so the next batch forms while one is in flight (TEI runs two batching tasks for
 the same reason). A slot is acquired *before* a batch is taken: while every slot is busy, entries keep
 accumulating and the next batch is as large as the limits allow, the way Triton's batcher waits for a free model
-instance.
+instance. Only the loop task removes entries from the queue, dead ones included.
 """
 
 from __future__ import annotations
@@ -13,104 +17,80 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-import numpy as np
-
-from service.gateway.backend.base import InferenceBackend
 from service.gateway.batching.policy import BatchLimits, flush_delay, take_batch
 from service.gateway.batching.queue import Entry, RequestQueue
 from service.gateway.errors import BackendUnavailable, DeadlineExceeded, Internal, ServiceError
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.repository import BatchEncoder, VariantModel
 
 logger = logging.getLogger("service.gateway.batching")
 
+R = TypeVar("R")
+
+#: The work of one batch: the entries' items in, one result per item out (same order), within ``timeout_seconds``.
+ProcessFn = Callable[[list[Any], float], Awaitable[Sequence[R]]]
+
 
 @dataclass(frozen=True)
-class TextResult:
-    """The answer for one text.
+class Answered(Generic[R]):
+    """What one entry's future resolves to.
 
     Attributes:
-        label: The most probable class.
-        score: Its probability.
-        probabilities: Class -> probability, for every class.
-        model_version: The model version that answered.
-        queue_seconds: Time the text waited in the queue.
-        inference_seconds: Time its batch spent in tokenization and the backend call.
+        value: The model adapter's result for the item.
+        queue_seconds: Time the entry waited in the queue.
+        inference_seconds: Time its batch spent in ``process``.
     """
 
-    label: str
-    score: float
-    probabilities: dict[str, float]
-    model_version: str
+    value: R
     queue_seconds: float
     inference_seconds: float
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 for stable probabilities.
+class DynamicBatcher(Generic[R]):
+    """Batches the items of one variant into ``process`` calls.
 
     Args:
-        logits: [rows, classes].
-
-    Returns:
-        Probabilities of the same shape, each row summing to 1.
-    """
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-class DynamicBatcher:
-    """Batches the texts of one variant into backend calls.
-
-    Args:
-        model: The variant's model (name, version, labels).
-        encoder: Tokenizer of that model version.
-        backend: Where batches go.
+        name: The variant (metric label, task names, messages).
+        process: The model adapter's batch function; it receives the items and the seconds until the latest
+            deadline in the batch, and returns one result per item. It raises only ServiceError subclasses for
+            expected failures; anything else is treated as a bug (logged, generic 500).
         limits: Batch limits.
-        max_queue_size: Queue bound.
-        max_inflight_batches: Most concurrent backend calls of this variant.
+        max_queue_size: Queue bound (entries).
+        max_inflight_batches: Most concurrent ``process`` calls of this variant.
         retry_after_seconds: Retry-After of queue-full rejections.
         metrics: Metric objects.
-        tokenize_in_thread: Tokenize batches in a worker thread instead of on the event loop.
         flush_when_idle: Send at once when no batch is in flight (no wait for companions on an idle backend).
     """
 
     def __init__(
         self,
-        model: VariantModel,
-        encoder: BatchEncoder,
-        backend: InferenceBackend,
+        name: str,
+        process: ProcessFn[R],
         *,
         limits: BatchLimits,
         max_queue_size: int,
         max_inflight_batches: int,
         retry_after_seconds: int,
         metrics: GatewayMetrics,
-        tokenize_in_thread: bool = True,
         flush_when_idle: bool = False,
     ) -> None:
         if max_inflight_batches < 1:
             raise ValueError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
-        self.model = model
-        self.encoder = encoder
+        self.name = name
         self.limits = limits
+        self._process_fn = process
         self._flush_when_idle = flush_when_idle
         # With nothing in flight the backend is idle and waiting for companions only adds latency.
         self._idle_limits = dataclasses.replace(limits, max_wait_seconds=0.0)
-        self._backend = backend
         self._metrics = metrics
-        self._tokenize_in_thread = tokenize_in_thread
         self._max_inflight = max_inflight_batches
-        variant = model.variant
         self._queue = RequestQueue(
             max_queue_size,
             retry_after_seconds=retry_after_seconds,
-            on_depth=metrics.queue_depth.labels(variant=variant).set,
+            on_depth=metrics.queue_depth.labels(variant=name).set,
         )
         self._slots: asyncio.Semaphore | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -118,12 +98,9 @@ class DynamicBatcher:
         self._accepting = False
         self._draining = False
         self._stopped = False
-        self._queue_wait = metrics.queue_wait_seconds.labels(variant=variant)
-        self._batch_size = metrics.batch_size.labels(variant=variant)
-        self._seq_len = metrics.batch_sequence_length.labels(variant=variant)
-        self._tokenize_time = metrics.tokenize_duration_seconds.labels(variant=variant)
-        self._backend_time = metrics.backend_request_duration_seconds.labels(model=model.model_name)
-        self._inflight = metrics.inflight_batches.labels(variant=variant)
+        self._queue_wait = metrics.queue_wait_seconds.labels(variant=name)
+        self._batch_size = metrics.batch_size.labels(variant=name)
+        self._inflight = metrics.inflight_batches.labels(variant=name)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -134,7 +111,7 @@ class DynamicBatcher:
 
     @property
     def queue_depth(self) -> int:
-        """Texts waiting."""
+        """Entries waiting (dead ones not yet removed included)."""
         return len(self._queue)
 
     @property
@@ -145,10 +122,10 @@ class DynamicBatcher:
     async def start(self) -> None:
         """Start the batching task (inside the running event loop)."""
         if self._loop_task is not None:
-            raise RuntimeError(f"batcher {self.model.variant} already started")
+            raise RuntimeError(f"batcher {self.name} already started")
         self._slots = asyncio.Semaphore(self._max_inflight)
         self._accepting = True
-        self._loop_task = asyncio.create_task(self._run(), name=f"batcher-{self.model.variant}")
+        self._loop_task = asyncio.create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self, timeout_seconds: float) -> None:
         """Stop admitting, finish what was accepted, then stop.
@@ -186,48 +163,37 @@ class DynamicBatcher:
 
     # ---------------------------------------------------------------- admission
 
-    def submit(self, texts: Sequence[str], deadline: float) -> list[asyncio.Future[TextResult]]:
-        """Queue the texts of one request, all or none.
+    def submit(self, items: Sequence[Any], lengths: Sequence[int], deadline: float) -> list[asyncio.Future[Any]]:
+        """Queue the items of one request, all or none.
 
         Args:
-            texts: The texts (each becomes one batch row).
-            deadline: Monotonic time after which the texts are dropped with DeadlineExceeded.
+            items: The prepared items (each becomes one batch row).
+            lengths: Exact token count of each item.
+            deadline: Monotonic time after which the items are dropped with DeadlineExceeded.
 
         Returns:
-            One future per text, in order.
+            One future per item, in order, resolving to :class:`Answered`.
 
         Raises:
             BackendUnavailable: The batcher is not running (starting up or draining).
-            Overloaded: The queue has no room for all texts.
+            Overloaded: The queue has no room for all items.
         """
         if not self.running:
-            raise BackendUnavailable(f"variant {self.model.variant} is not accepting requests (draining or stopped)")
+            raise BackendUnavailable(f"variant {self.name} is not accepting requests (draining or stopped)")
+        if len(items) != len(lengths):
+            raise ValueError(f"{len(items)} items but {len(lengths)} lengths")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [
-            Entry(
-                text=t,
-                length=self.encoder.estimate_tokens(t),
-                future=loop.create_future(),
-                enqueued_at=now,
-                deadline=deadline,
-            )
-            for t in texts
+            Entry(item=item, length=length, future=loop.create_future(), enqueued_at=now, deadline=deadline)
+            for item, length in zip(items, lengths, strict=True)
         ]
         try:
-            self._queue.put_many(entries, purge=self._purge_dead)
+            self._queue.put_many(entries, now=now)
         except ServiceError:
             self._metrics.requests_rejected_total.labels(reason="queue_full").inc(len(entries))
             raise
         return [e.future for e in entries]
-
-    def _purge_dead(self) -> None:
-        plan = take_batch(self._queue.snapshot(), self.limits, time.monotonic())
-        # Only dead entries leave; the live ones (batch and rest) stay queued in their original order.
-        if plan.expired or plan.cancelled:
-            dead = {id(e) for e in plan.expired} | {id(e) for e in plan.cancelled}
-            self._queue.replace(e for e in self._queue.snapshot() if id(e) not in dead)
-            self._drop(plan.expired, plan.cancelled)
 
     # ---------------------------------------------------------------- the loop
 
@@ -261,7 +227,7 @@ class DynamicBatcher:
             for e in plan.batch:
                 e.taken_at = now
                 self._queue_wait.observe(now - e.enqueued_at)
-            task = asyncio.create_task(self._process(plan.batch), name=f"batch-{self.model.variant}")
+            task = asyncio.create_task(self._process(plan.batch), name=f"batch-{self.name}")
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_done)
 
@@ -270,71 +236,40 @@ class DynamicBatcher:
         assert self._slots is not None
         self._slots.release()
         if self._flush_when_idle and not self._batch_tasks:
-            self._queue.wake()  # the backend just went idle: texts waiting for companions can go now
+            self._queue.wake()  # the backend just went idle: entries waiting for companions can go now
 
     async def _process(self, batch: list[Entry]) -> None:
-        model = self.model
         self._batch_size.observe(len(batch))
         self._inflight.inc()
         started = time.perf_counter()
         try:
-            texts = [e.text for e in batch]
-            t0 = time.perf_counter()
-            if self._tokenize_in_thread:
-                input_ids, attention_mask = await asyncio.to_thread(self.encoder.encode, texts)
-            else:
-                input_ids, attention_mask = self.encoder.encode(texts)
-            self._tokenize_time.observe(time.perf_counter() - t0)
-            self._seq_len.observe(input_ids.shape[1])
-            t1 = time.perf_counter()
-            # Nobody waits for this batch after its latest deadline: end the call then (cancelling a gRPC call
-            # cancels it at Triton too), so a stalled backend frees the in-flight slot instead of holding it for the
-            # whole client_timeout while the queue behind it only expires.
+            # Nobody waits for this batch after its latest deadline: the adapter ends its backend call then, so a
+            # stalled backend frees the in-flight slot instead of holding it while the queue behind it expires.
             left = max(e.deadline for e in batch) - time.monotonic()
-            try:
-                out = await asyncio.wait_for(
-                    self._backend.infer(model.model_name, model.version, input_ids, attention_mask), max(0.0, left)
-                )
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded("deadline passed while the inference server was computing") from None
-            finally:
-                self._backend_time.observe(time.perf_counter() - t1)
-            if out.logits.ndim != 2 or out.logits.shape[0] != len(batch) or out.logits.shape[1] != len(model.labels):
-                logger.error(
-                    "%s returned logits of shape %s for %d texts and %d labels",
-                    model.model_name,
-                    tuple(out.logits.shape),
-                    len(batch),
-                    len(model.labels),
-                )
+            results = await self._process_fn([e.item for e in batch], max(0.0, left))
+            if len(results) != len(batch):
+                logger.error("%s: process returned %d results for %d items", self.name, len(results), len(batch))
                 raise Internal("the inference backend returned a malformed result")
-            probs = softmax(out.logits)
             elapsed = time.perf_counter() - started
-            for e, row in zip(batch, probs):
+            for e, value in zip(batch, results, strict=True):
                 if e.future.done():  # the client went away or its deadline fired meanwhile
                     continue
-                best = int(row.argmax())
                 e.future.set_result(
-                    TextResult(
-                        label=model.labels[best],
-                        score=float(row[best]),
-                        probabilities={lbl: float(p) for lbl, p in zip(model.labels, row)},
-                        model_version=out.model_version,
+                    Answered(
+                        value=value,
                         queue_seconds=(e.taken_at or e.enqueued_at) - e.enqueued_at,
                         inference_seconds=elapsed,
                     )
                 )
         except ServiceError as exc:
-            # One failed call fails every text of the batch with the same error (Ray, TEI).
-            self._metrics.backend_errors_total.labels(model=model.model_name, status=exc.error_type).inc()
+            # One failed call fails every item of the batch with the same error (Ray, TEI).
             self._fail(batch, exc)
         except asyncio.CancelledError:
             self._fail(batch, BackendUnavailable("gateway shut down while the request was being processed"))
             raise
         except Exception:
             # Unknown failures are bugs: the traceback goes to the log, the clients get a generic error.
-            logger.exception("batch of %d for %s failed unexpectedly", len(batch), model.model_name)
-            self._metrics.backend_errors_total.labels(model=model.model_name, status=Internal.error_type).inc()
+            logger.exception("batch of %d for %s failed unexpectedly", len(batch), self.name)
             self._fail(batch, Internal("internal server error"))
         finally:
             self._inflight.dec()

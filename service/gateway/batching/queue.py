@@ -1,7 +1,10 @@
 """The bounded request queue of one variant: entries, admission control and the wake-up signal.
 
-``put_many`` either admits all texts of a request or none (a request is never half-queued) and raises
+``put_many`` either admits all items of a request or none (a request is never half-queued) and raises
 :class:`Overloaded` at once when there is no room, as TEI's ``try_acquire_permit`` does; nothing waits for space.
+Room is counted in *live* entries: an entry whose client went away or whose deadline passed no longer holds room,
+but only the batcher's loop task removes it (admission never edits the queue behind the loop's back), and admission
+wakes the loop when it saw such entries.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from service.gateway.errors import Overloaded
 
 @dataclass(eq=False)
 class Entry:
-    """One text waiting for inference.
+    """One item (a text, already prepared by the model adapter) waiting for inference.
 
     Attributes:
-        text: The input text.
-        length: Estimated token count, used for length bucketing.
+        item: What the model adapter's ``process`` receives (opaque to the batching package).
+        length: Exact token count of the item, for length bucketing and the token budget.
         future: Resolved by the batcher with the text's result or an error; cancelled by the route when the
             client disconnects or the deadline fires.
         enqueued_at: Monotonic time of admission (seconds).
@@ -28,7 +31,7 @@ class Entry:
         taken_at: Monotonic time the entry left the queue in a batch (set by the batcher).
     """
 
-    text: str
+    item: Any
     length: int
     future: asyncio.Future[Any]
     enqueued_at: float
@@ -39,6 +42,10 @@ class Entry:
     def cancelled(self) -> bool:
         """Whether the waiting route gave up on this entry."""
         return self.future.cancelled()
+
+    def dead(self, now: float) -> bool:
+        """Whether the entry no longer needs an answer (cancelled, or past its deadline)."""
+        return self.deadline <= now or self.future.cancelled()
 
 
 class RequestQueue:
@@ -69,24 +76,28 @@ class RequestQueue:
         """Room left for new entries."""
         return self.max_size - len(self._entries)
 
-    def put_many(self, entries: Sequence[Entry], *, purge: Callable[[], None] | None = None) -> None:
+    def live_count(self, now: float) -> int:
+        """Entries that still need an answer (an O(n) scan; admission calls it only when the queue looks full)."""
+        return sum(1 for e in self._entries if not e.dead(now))
+
+    def put_many(self, entries: Sequence[Entry], *, now: float) -> None:
         """Admit all entries or none.
 
         Args:
             entries: The entries of one request.
-            purge: Called once when the queue looks full, to remove dead entries (cancelled or expired) that still
-                hold room; admission is re-checked afterwards.
+            now: Monotonic time, to tell dead entries (which hold no room) from live ones.
 
         Raises:
-            Overloaded: When the entries do not fit.
+            Overloaded: When the entries do not fit beside the live entries.
         """
-        if len(entries) > self.free and purge is not None:
-            purge()
         if len(entries) > self.free:
-            raise Overloaded(
-                f"queue full ({len(self._entries)} of {self.max_size} texts waiting); retry later",
-                retry_after_seconds=self._retry_after_seconds,
-            )
+            live = self.live_count(now)
+            if len(entries) > self.max_size - live:
+                raise Overloaded(
+                    f"queue full ({live} of {self.max_size} texts waiting); retry later",
+                    retry_after_seconds=self._retry_after_seconds,
+                )
+            # Dead entries make room; the loop task removes them (it is woken by the notify below).
         self._entries.extend(entries)
         self._notify()
 

@@ -1,9 +1,10 @@
-"""The Dockerfiles, checked where they can be without a container engine (none runs on our machines):
+"""The Dockerfiles, checked statically:
 
 * the gateway image's pip line is resolved for real (``pip install --dry-run``) from this checkout, and the resolved
   set holds the gateway's dependencies and none of torch, peft or transformers;
-* base images are pinned, the runtime user is not root, the health check hits the gateway's liveness endpoint;
-* the Triton image is NVIDIA's, pinned to the Triton release we test against, and carries the built repository;
+* the runtime user is not root, the health check hits the gateway's liveness endpoint, dependencies are locked;
+* the Triton images (CPU: nvidia-pytriton's server on Debian; GPU: NVIDIA's 24.10) carry no model;
+* tests/integration/test_containers.py builds and runs the CPU images for real where podman runs;
 * .dockerignore keeps local state out but lets the sources and the model repository in.
 """
 
@@ -45,22 +46,29 @@ def _final_stage(instr: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def gateway_pip_requirement() -> str:
-    """The requirement the gateway Dockerfile installs (e.g. ``.[serve]``)."""
-    runs = [rest for op, rest in _instructions(REPO_ROOT / "Dockerfile") if op == "RUN" and "pip install" in rest]
+    """The requirement the gateway Dockerfile installs (e.g. ``.[serve]``), option values skipped."""
+    runs = [
+        rest
+        for op, rest in _instructions(REPO_ROOT / "Dockerfile")
+        if op == "RUN" and "pip install" in rest and "--upgrade" not in rest
+    ]
     assert len(runs) == 1, runs
     words = shlex.split(runs[0])
-    reqs = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
+    args = words[words.index("install") + 1 :]
+    reqs = [w for i, w in enumerate(args) if not w.startswith("-") and (i == 0 or args[i - 1] != "--constraint")]
     assert len(reqs) == 1, reqs
     return reqs[0]
 
 
-def test_gateway_dockerfile_is_pinned_multistage_nonroot_with_healthcheck():
+BASE = "docker.io/library/debian:bookworm-slim"
+
+
+def test_gateway_dockerfile_is_multistage_nonroot_with_healthcheck_and_locked_dependencies():
     instr = _instructions(REPO_ROOT / "Dockerfile")
-    base = _args(instr)["PYTHON_IMAGE"]
-    # An exact patch version (or a digest), slim Debian: never a floating "3.11" or "latest".
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
+    # Debian's own Python 3.11, the base every image of the project shares (the release workflow pins it by digest).
+    assert _args(instr)["BASE"] == BASE
     froms = [rest for op, rest in instr if op == "FROM"]
-    assert len(froms) >= 2 and all(f.startswith("${PYTHON_IMAGE}") for f in froms)
+    assert froms[0].startswith("${BASE}") and len(froms) >= 3
     final = _final_stage(instr)
     user = [rest for op, rest in final if op == "USER"]
     assert user and user[-1].split(":")[0] not in ("0", "root")
@@ -72,6 +80,14 @@ def test_gateway_dockerfile_is_pinned_multistage_nonroot_with_healthcheck():
     # The runtime stage gets only the finished venv, not the build tools or the sources' tests.
     assert any(op == "COPY" and rest.startswith("--from=build /opt/venv") for op, rest in final)
     assert gateway_pip_requirement() == ".[serve]"
+    # The proxy CA is a build argument naming a mounted file, never a file copied into the image.
+    assert not any(op in ("COPY", "ADD") and ".crt" in rest for op, rest in instr)
+    # Every resolved dependency is pinned, and the lock holds none of the forbidden packages.
+    lock = (REPO_ROOT / "containers" / "constraints-gateway.txt").read_text().splitlines()
+    pins = [line for line in lock if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^=\s]+", p) for p in pins), pins
+    names = {p.split("==")[0].lower().replace("_", "-") for p in pins}
+    assert REQUIRED_IN_GATEWAY <= names and not FORBIDDEN_IN_GATEWAY & names
 
 
 def test_the_gateway_install_line_resolves_without_torch(tmp_path):
@@ -106,21 +122,26 @@ def test_the_gateway_install_line_resolves_without_torch(tmp_path):
     assert not FORBIDDEN_IN_GATEWAY & names, FORBIDDEN_IN_GATEWAY & names
 
 
-def test_triton_dockerfile_uses_the_tested_triton_release_and_ships_the_repository():
-    instr = _instructions(REPO_ROOT / "Dockerfile.triton")
-    image = _args(instr)["TRITON_IMAGE"]
-    # 24.10 carries tritonserver 2.51, the version of the nvidia-pytriton wheel the integration tests run.
-    assert image == "nvcr.io/nvidia/tritonserver:24.10-py3"
-    runs = " ".join(rest for op, rest in instr if op == "RUN")
-    assert re.search(r'"onnxruntime-gpu==\d+\.\d+\.\d+"', runs) and '"numpy>=1.24,<2"' in runs
-    copies = [rest for op, rest in instr if op == "COPY"]
-    assert any("model_repository/ /opt/loraserve/model_repository/" in c for c in copies)
-    user = [rest for op, rest in instr if op == "USER"]
-    assert user and user[-1].split(":")[0] not in ("0", "root")
-    assert "/v2/health/ready" in " ".join(rest for op, rest in instr if op == "HEALTHCHECK")
-    # The chart's init container copies exactly this path.
-    values = (REPO_ROOT / "helm/loraserve/values.yaml").read_text()
-    assert "imagePath: /opt/loraserve/model_repository" in values
+def test_triton_images_carry_no_model_and_run_as_non_root():
+    gpu = _instructions(REPO_ROOT / "Dockerfile.triton")
+    # 24.10 carries tritonserver 2.51, the version of the nvidia-pytriton wheel the CPU image and the tests run.
+    assert _args(gpu)["TRITON_IMAGE"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    cpu = _instructions(REPO_ROOT / "Dockerfile.triton-cpu")
+    assert _args(cpu)["BASE"] == BASE and _args(cpu)["PYTRITON_VERSION"] == "0.7.0"
+    cpu_runs = " ".join(rest for op, rest in cpu if op == "RUN")
+    assert "libpython3.11" in cpu_runs and '"onnxruntime==' in cpu_runs and "python_backend_stubs/3.11" in cpu_runs
+    assert "NVIDIA_VISIBLE_DEVICES=void" in " ".join(rest for op, rest in cpu if op == "ENV")
+    for instr in (gpu, cpu):
+        copies = " ".join(rest for op, rest in instr if op == "COPY")
+        assert "model_repository" not in copies  # models are delivered by the chart, never baked in
+        user = [rest for op, rest in instr if op == "USER"]
+        assert user and user[-1].split(":")[0] not in ("0", "root")
+        assert "/v2/health/ready" in " ".join(rest for op, rest in instr if op == "HEALTHCHECK")
+    model = _instructions(REPO_ROOT / "Dockerfile.model")
+    assert any(op == "COPY" and rest.endswith("/model/models.tar.gz") for op, rest in model)
+    # The chart's model-image init container copies exactly this path.
+    deployment = (REPO_ROOT / "helm/loraserve/templates/deployment.yaml").read_text()
+    assert '"/model/models.tar.gz"' in deployment
 
 
 def test_dockerignore_keeps_local_state_out_and_sources_in():
@@ -129,6 +150,6 @@ def test_dockerignore_keeps_local_state_out_and_sources_in():
         for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {".git", ".venv", "artifacts", ".tools"} <= patterns
-    for needed in ("service", "pyproject.toml", "README.md", "model_repository"):
+    assert {".git", ".venv", ".tools", ".cache", "model_repository"} <= patterns
+    for needed in ("service", "pyproject.toml", "README.md", "containers"):
         assert needed not in patterns and (REPO_ROOT / needed).exists()

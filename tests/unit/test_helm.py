@@ -34,7 +34,7 @@ VALUES = {
     "secure": ["-f", str(CHART / "ci" / "secure-values.yaml")],
 }
 #: Custom resources: no upstream schema in kubernetes-validate; checked by the assertions below instead.
-CRD_KINDS = {"ServiceMonitor", "ScaledObject"}
+CRD_KINDS = {"ServiceMonitor", "ScaledObject", "PrometheusRule"}
 #: Metrics exported by Triton (its metrics port), not by the gateway.
 TRITON_METRICS = {"nv_gpu_utilization"}
 
@@ -107,9 +107,13 @@ def test_schema_validation_can_fail():
 
 def test_kinds_per_values(rendered):
     kinds = {name: sorted(o["kind"] for o in objs) for name, objs in rendered.items()}
-    base = ["Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount"]
+    # ConfigMap: the Triton configs of the pod's target. No prometheus-adapter rules ConfigMap: the adapter runs in its
+    # own namespace and could never mount one from the release namespace (deploy/prometheus-adapter/values.yaml).
+    base = ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "ServiceAccount"]
     assert kinds["default"] == base
-    assert kinds["gpu-autoscaling"] == sorted(base + ["ConfigMap", "HorizontalPodAutoscaler", "ServiceMonitor"])
+    assert kinds["gpu-autoscaling"] == sorted(
+        base + ["ConfigMap", "HorizontalPodAutoscaler", "PrometheusRule", "ServiceMonitor"]
+    )
     assert kinds["keda"] == sorted(base + ["ScaledObject", "ServiceMonitor"])  # KEDA owns the HPA: none from us
     assert "replicas" not in one(rendered["gpu-autoscaling"], "Deployment")["spec"]
 
@@ -139,7 +143,6 @@ def test_hpa_metrics_are_served_by_the_adapter_and_exported(rendered):
     assert metrics[1]["object"]["describedObject"] == {"apiVersion": "v1", "kind": "Service", "name": "loraserve"}
     assert metrics[1]["object"]["target"] == {"type": "Value", "value": "200m"}
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
-    assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
 
     rules = _adapter_rules()
     assert {name for _, name in by_type} == set(rules)
@@ -153,16 +156,13 @@ def test_hpa_metrics_are_served_by_the_adapter_and_exported(rendered):
         overrides = rule["resources"]["overrides"]
         # Pods metrics must be addressable per pod, the Object metric per Service.
         assert ("pod" if kind == "Pods" else "service") in overrides
-    # The chart's ConfigMap carries exactly the same rules.
-    cm = one(rendered["gpu-autoscaling"], "ConfigMap")
-    assert yaml.safe_load(cm["data"]["config.yaml"])["rules"] == list(rules.values())
     # Without a GPU the HPA must not wait for a GPU metric that will never exist.
     no_gpu = render_hpa_without_gpu(rendered)
     assert [m["pods"]["metric"]["name"] for m in no_gpu if m["type"] == "Pods"] == ["gateway_queue_depth"]
 
 
 def render_hpa_without_gpu(rendered) -> list[dict]:
-    hpa = render(HELM, "--set", "autoscaling.enabled=true")
+    hpa = render(HELM, "--set", "autoscaling.enabled=true,serviceMonitor.enabled=true")
     return one(hpa, "HorizontalPodAutoscaler")["spec"]["metrics"]
 
 
@@ -201,9 +201,10 @@ async def test_probes_point_at_real_endpoints(rendered, values, tmp_path):
     assert await _probe_statuses(repo, paths) == {p: 200 for p in paths}
     assert all(gw[p]["httpGet"]["port"] == "http" for p in ("startupProbe", "livenessProbe", "readinessProbe"))
     tr = c["triton"]
-    assert tr["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert tr["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert tr["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"  # never /ready (triton#7014)
+    # Exec probes against Triton's loopback-only HTTP port (its model-control API is not reachable from outside).
+    assert tr["startupProbe"]["exec"]["command"][-1].endswith("/v2/health/ready")
+    assert tr["readinessProbe"]["exec"]["command"][-1].endswith("/v2/health/ready")
+    assert tr["livenessProbe"]["exec"]["command"][-1].endswith("/v2/health/live")  # never /ready (triton#7014)
     # The startup budget covers the gateway's own wait for Triton, so a slow load ends in its clear error.
     env = {e["name"]: e["value"] for e in gw["env"]}
     startup_budget = gw["startupProbe"]["periodSeconds"] * gw["startupProbe"]["failureThreshold"]
@@ -232,6 +233,8 @@ def test_container_ports_match_gateway_settings(rendered, values, monkeypatch):
             monkeypatch.setenv(e["name"], e["value"])
     settings = Settings()  # the rendered environment is a valid gateway configuration
     ports = {p["name"]: p["containerPort"] for p in gw["ports"] + tr["ports"]}
+    ports["triton-grpc"] = int(next(a for a in tr["args"] if a.startswith("--grpc-port=")).split("=")[1])
+    ports["triton-http"] = int(next(a for a in tr["args"] if a.startswith("--http-port=")).split("=")[1])
     assert settings.port == ports["http"]
     assert settings.grpc_port == ports["grpc"]
     assert settings.host == "0.0.0.0"
@@ -280,12 +283,16 @@ def test_gpu_values_request_a_gpu_and_default_does_not(rendered):
     gpu = containers(rendered["gpu-autoscaling"])["triton"]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == 1
     spec = one(rendered["gpu-autoscaling"], "Deployment")["spec"]["template"]["spec"]
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # Requesting nvidia.com/gpu places the pod; a GPU-Feature-Discovery-only label would leave it Pending on
+    # clusters without GFD.
+    for values in VALUES:
+        selector = one(rendered[values], "Deployment")["spec"]["template"]["spec"].get("nodeSelector", {})
+        assert "nvidia.com/gpu.present" not in selector, values
     assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "nvidia.com/gpu" not in containers(rendered["default"])["triton"]["resources"]["limits"]
     secure = one(rendered["secure"], "Deployment")["spec"]["template"]["spec"]
-    assert secure["volumes"][0]["persistentVolumeClaim"] == {"claimName": "loraserve-models", "readOnly": True}
-    assert "initContainers" not in secure
+    volumes = {v["name"]: v for v in secure["volumes"]}
+    assert volumes["model-source"]["persistentVolumeClaim"] == {"claimName": "loraserve-models", "readOnly": True}
     policy = one(rendered["secure"], "NetworkPolicy")["spec"]
     assert all(rule.get("from") for rule in policy["ingress"])
 
@@ -299,6 +306,9 @@ def test_gpu_values_request_a_gpu_and_default_does_not(rendered):
         "gateway.config.triton.startupTimeoutSeconds=600",
         "unknownKey=1",
         "modelRepository.source=s3",
+        "autoscaling.targets.p99Seconds=fast",
+        "modelRepository.sha256=abc",
+        "triton.gpuAccelerator=rocm",
     ],
 )
 def test_values_schema_rejects_bad_values(helm, bad):
@@ -351,3 +361,189 @@ def test_deploy_manifests_equal_the_rendered_objects(rendered):
     assert gpu == rendered["gpu-autoscaling"]
     keda = [d for d in yaml.safe_load_all((REPO_ROOT / "deploy/keda/scaledobject.yaml").read_text()) if d]
     assert keda == [one(rendered["keda"], "ScaledObject")]
+
+
+# ---- issue 13: one test per fix, on the rendered manifests ----
+
+
+def _triton_configs(objects: list[dict]) -> dict:
+    from service.triton import model_config as mcfg
+
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-triton-configs"))
+    return {key[: -len(".pbtxt")]: mcfg.parse_model_config(text, source=key) for key, text in cm["data"].items()}
+
+
+def test_default_is_cpu_image_and_cpu_configs_gpu_is_gpu_image_and_onnxruntime_configs(rendered):
+    from service.triton import model_config as mcfg
+
+    kind = mcfg.mc.ModelInstanceGroup
+    cpu, gpu = containers(rendered["default"])["triton"], containers(rendered["gpu-autoscaling"])["triton"]
+    assert cpu["image"] == "ghcr.io/loraserve/triton-cpu:0.1.0-2.51"
+    assert gpu["image"] == "ghcr.io/loraserve/triton:0.1.0-24.10"
+    for values, target, image_kind, backend in (
+        ("default", "cpu", kind.KIND_CPU, "python"),
+        ("gpu-autoscaling", "gpu", kind.KIND_GPU, "onnxruntime"),
+    ):
+        configs = _triton_configs(rendered[values])
+        variants = one(rendered[values], "Deployment")  # every served variant has its config, nothing else
+        args = containers(rendered[values])["triton"]["args"]
+        assert sorted(configs) == sorted(a.split("=")[1] for a in args if a.startswith("--load-model="))
+        for name, config in configs.items():
+            mcfg.validate_model_config(config, expected_name=name)
+            assert [g.kind for g in config.instance_group] == [image_kind], (values, name)
+            assert config.backend == backend
+            # Exactly what the one rendering function gives for this target.
+            assert config == mcfg.render_model_config(name.removeprefix("classifier_"), target), name
+        assert variants
+    # A CPU pod on a GPU node must not see the node's GPUs; a GPU pod gets what it requested.
+    env = {e["name"]: e["value"] for e in cpu.get("env", [])}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in gpu.get("env", [])}
+    # TensorRT (FP16) on request, and the instance count reaches the configs.
+    trt = render(HELM, "-f", str(CHART / "ci" / "gpu-autoscaling-values.yaml"), "--set",
+                 "triton.gpuAccelerator=tensorrt,triton.instanceCount=2")  # fmt: skip
+    config = _triton_configs(trt)["classifier_fp16"]
+    accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert [a.name for a in accelerators] == ["tensorrt"] and accelerators[0].parameters["precision_mode"] == "FP16"
+    assert config.instance_group[0].count == 2
+
+
+def test_models_are_delivered_by_image_url_or_pvc_and_verified_before_triton(rendered):
+    def init(objects):
+        return [c["name"] for c in one(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"]]
+
+    # Default: an OCI model image copies the archive; model-setup verifies and installs; then Triton starts.
+    assert init(rendered["default"]) == ["model-image", "model-setup", "triton"]
+    image = containers(rendered["default"])["model-image"]
+    assert image["image"] == "ghcr.io/loraserve/models:0.1.0"
+    setup = containers(rendered["keda"])["model-setup"]
+    assert "--source=https://models.example.com/loraserve/loraserve-models-0.1.0.tar.gz" in setup["args"]
+    assert "--sha256=" + "1" * 64 in setup["args"]
+    assert setup["args"][:4] == ["python", "-m", "service.modelprep.package", "install"]
+    assert setup["image"] == containers(rendered["keda"])["gateway"]["image"]  # no extra image to build
+    assert (
+        "--source=/source/releases/loraserve-models-0.1.0.tar.gz"
+        in containers(rendered["secure"])["model-setup"]["args"]
+    )
+    # A URL is only trusted with its checksum.
+    result = _helm(
+        HELM, "template", "x", str(CHART), "--set", "modelRepository.source=url,modelRepository.url=https://a/b"
+    )
+    assert result.returncode != 0 and "sha256" in result.stderr
+
+
+def test_scraping_is_wired_for_kube_prometheus_stack_and_autoscaling_refuses_to_be_blind(rendered):
+    monitor = one(rendered["gpu-autoscaling"], "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["serviceMonitor"]["additionalLabels"] == {
+        "release": "kube-prometheus-stack"
+    }
+    result = _helm(HELM, "template", "x", str(CHART), "--set", "autoscaling.enabled=true")
+    assert result.returncode != 0 and "serviceMonitor.enabled" in result.stderr
+    ok = _helm(HELM, "template", "x", str(CHART), "--set", "autoscaling.enabled=true,autoscaling.scrapedElsewhere=true")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_network_policy_admits_scrapers_to_the_gateway_metrics(rendered):
+    policy = one(rendered["secure"], "NetworkPolicy")["spec"]
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    http_peers = [peer for rule in policy["ingress"] if {"port": "http", "protocol": "TCP"} in rule["ports"]
+                  for peer in rule["from"]]  # fmt: skip
+    assert monitoring in http_peers
+    assert all(rule.get("from") for rule in policy["ingress"])  # still nothing open to everyone
+
+
+def test_prometheus_rule_and_dashboard_are_loadable_by_kube_prometheus_stack(rendered, tmp_path):
+    import shutil
+
+    rule = one(rendered["gpu-autoscaling"], "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    files = {n: yaml.safe_load((REPO_ROOT / "deploy/prometheus" / n).read_text()) for n in
+             ("recording-rules.yml", "alert-rules.yml")}  # fmt: skip
+    assert rule["spec"]["groups"] == [g for f in files.values() for g in f["groups"]]
+    dashboard = next(o for o in rendered["gpu-autoscaling"] if o["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json_equal(
+        dashboard["data"]["loraserve-dashboard.json"], REPO_ROOT / "deploy/grafana/loraserve-dashboard.json"
+    )
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    # promtool checks and unit-tests the rules exactly as rendered into the PrometheusRule.
+    (tmp_path / "chart-rules.yml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    check = subprocess.run([promtool, "check", "rules", "chart-rules.yml"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60, check=False)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = yaml.safe_load((REPO_ROOT / "deploy/prometheus/rules-test.yml").read_text())
+    tests["rule_files"] = ["chart-rules.yml"]
+    (tmp_path / "chart-rules-test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    unit = subprocess.run([promtool, "test", "rules", "chart-rules-test.yml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+def json_equal(text: str, path: Path) -> bool:
+    import json
+
+    return json.loads(text) == json.loads(path.read_text())
+
+
+def test_keda_fails_loudly_on_missing_metrics_and_falls_back(rendered):
+    so = one(rendered["keda"], "ScaledObject")
+    assert so["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 2}
+    for trigger in so["spec"]["triggers"]:
+        assert trigger["metadata"]["ignoreNullValues"] == "false", trigger["name"]
+        assert trigger["metricType"] == "AverageValue", trigger["name"]  # KEDA's fallback needs AverageValue
+        assert 'route="' not in trigger["metadata"]["query"]
+    p99 = next(t for t in so["spec"]["triggers"] if t["name"] == "gateway_request_duration_p99_seconds")
+    assert 'operation="classify"' in p99["metadata"]["query"] and "count(gateway_build_info" in p99["metadata"]["query"]
+
+
+def test_triton_outlives_the_gateway_drain(rendered):
+    spec = one(rendered["default"], "Deployment")["spec"]["template"]["spec"]
+    triton = next(c for c in spec["initContainers"] if c["name"] == "triton")
+    assert triton["restartPolicy"] == "Always"  # native sidecar: stopped after the gateway exits
+    assert [c["name"] for c in spec["containers"]] == ["gateway"]
+    gateway = spec["containers"][0]
+    env = {e["name"]: float(e["value"]) for e in gateway["env"] if e["name"].startswith("GATEWAY_DRAIN")}
+    sleep = int(gateway["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert sleep >= 1  # serve through endpoint propagation before SIGTERM starts the drain
+    drain = sleep + env["GATEWAY_DRAIN_GRACE_SECONDS"] + env["GATEWAY_DRAIN_TIMEOUT_SECONDS"]
+    assert spec["terminationGracePeriodSeconds"] >= drain + 10
+    # Without native sidecars (older clusters) Triton's preStop waits out the whole drain.
+    legacy = one(rendered["secure"], "Deployment")["spec"]["template"]["spec"]
+    triton = next(c for c in legacy["containers"] if c["name"] == "triton")
+    assert int(triton["lifecycle"]["preStop"]["exec"]["command"][1]) >= drain
+    short = _helm(HELM, "template", "x", str(CHART), "--set", "terminationGracePeriodSeconds=20")
+    assert short.returncode != 0 and "terminationGracePeriodSeconds" in short.stderr
+
+
+def test_hpa_scale_up_is_stabilized_and_bounded_in_pods_per_minute(rendered):
+    up = one(rendered["gpu-autoscaling"], "HorizontalPodAutoscaler")["spec"]["behavior"]["scaleUp"]
+    assert 60 <= up["stabilizationWindowSeconds"] <= 120
+    assert up["policies"] == [{"type": "Pods", "value": 2, "periodSeconds": 60}]  # no +100% doubling
+
+
+def test_triton_http_api_is_loopback_only(rendered):
+    for values in VALUES:
+        tr = containers(rendered[values])["triton"]
+        assert "--http-address=127.0.0.1" in tr["args"] and "--grpc-address=127.0.0.1" in tr["args"]
+        assert {p["name"] for p in tr["ports"]} == {"triton-metrics"}
+        assert not any("httpGet" in tr[p] for p in ("startupProbe", "livenessProbe", "readinessProbe"))
+
+
+@pytest.mark.parametrize(("value", "milli"), [("0.0005", "1m"), ("0.25", "250m"), ("0.0014", "1m"), ("2", "2000m")])
+def test_milli_quantities_round_and_accept_strings(helm, value, milli):
+    objects = render(
+        helm, "--set", f"autoscaling.enabled=true,serviceMonitor.enabled=true,autoscaling.targets.p99Seconds={value}"
+    )
+    metrics = one(objects, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert metrics[1]["object"]["target"]["value"] == milli
+
+
+def test_schema_accepts_global_and_cross_field_checks_reject_bad_combinations(helm):
+    assert _helm(helm, "template", "x", str(CHART), "--set", "global.imageRegistry=r.example.com").returncode == 0
+    bad_variant = _helm(helm, "template", "x", str(CHART), "--set", "gateway.config.defaultVariant=fp16")
+    assert bad_variant.returncode != 0 and "defaultVariant" in bad_variant.stderr
+    bad_range = _helm(helm, "template", "x", str(CHART), "--set", "autoscaling.minReplicas=5,autoscaling.maxReplicas=2")
+    assert bad_range.returncode != 0 and "minReplicas (5) > autoscaling.maxReplicas (2)" in bad_range.stderr

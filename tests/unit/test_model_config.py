@@ -69,7 +69,8 @@ def test_bad_enum_is_rejected_by_the_protobuf():
         ("data_type: TYPE_FP32", "data_type: TYPE_FP16", "must be TYPE_FP32"),
         ("timeout_action: REJECT", "timeout_action: DELAY", "timeout_action must be REJECT"),
         ("max_queue_delay_microseconds: 1500", "max_queue_delay_microseconds: 500000", "max_queue_delay"),
-        ('backend: "python"', 'backend: "onnxruntime"', "backend must be 'python'"),
+        ('backend: "python"', 'backend: "tensorflow"', "backend must be one of"),
+        ('backend: "python"', 'backend: "onnxruntime"', "does not pad ragged inputs"),
         ("kind: KIND_CPU\n    count: 1", "kind: KIND_CPU\n    count: 0", "count must be >= 1"),
     ],
 )
@@ -117,3 +118,38 @@ def test_render_onnxruntime_config_round_trips():
     assert rendered.dynamic_batching == ours.dynamic_batching
     # The source message is left untouched.
     assert ours.backend == "python" and all(t.allow_ragged_batch for t in ours.input)
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_render_model_config_for_each_target(variant):
+    kind = mcfg.mc.ModelInstanceGroup
+    cpu = mcfg.render_model_config(variant, "cpu")
+    assert cpu.backend == "python" and [g.kind for g in cpu.instance_group] == [kind.KIND_CPU]
+    assert cpu == mcfg.load_and_validate(MODEL_REPOSITORY / f"classifier_{variant}")  # the embedded default's
+    gpu = mcfg.render_model_config(variant, "gpu", instance_count=2)
+    assert gpu.backend == "onnxruntime" and gpu.platform == "onnxruntime_onnx"
+    assert [(g.kind, g.count) for g in gpu.instance_group] == [(kind.KIND_GPU, 2)]
+    assert not gpu.output  # auto-completed from model.onnx: [batch, num_labels] is model-specific
+    assert not gpu.optimization.execution_accelerators.gpu_execution_accelerator
+    trt = mcfg.render_model_config(variant, "gpu", accelerator="tensorrt")
+    (accelerator,) = trt.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    for config in (cpu, gpu, trt):  # what Triton parses is what we rendered
+        assert mcfg.parse_model_config(mcfg.to_pbtxt(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [({"target": "tpu"}, "target must be one of"), ({"accelerator": "rocm"}, "accelerator"),
+     ({"instance_count": 0}, "instance_count")],
+)  # fmt: skip
+def test_render_model_config_rejects_unknown_options(kwargs, expected):
+    with pytest.raises(ModelConfigError, match=expected):
+        mcfg.render_model_config("int8", **{"target": "gpu", **kwargs})
+
+
+def test_render_cli_writes_the_chart_files(tmp_path):
+    assert mcfg.main(["render", "--target", "gpu", "--output", str(tmp_path)]) == 0
+    chart = REPO_ROOT / "helm" / "loraserve" / "files" / "triton" / "gpu"
+    for path in sorted(tmp_path.glob("*.pbtxt")):
+        assert path.read_text() == (chart / path.name).read_text()

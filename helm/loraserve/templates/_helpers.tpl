@@ -50,7 +50,61 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- range .Values.gateway.config.variants }} --load-model=classifier_{{ . }}{{ end }}
 {{- end }}
 
-{{/* A number as a Kubernetes milli-quantity (0.2 -> "200m"), exact for HPA targets. */}}
+{{/* A number (or a numeric string, as --set passes it) as a Kubernetes milli-quantity: 0.2 -> "200m". Rounded
+to the nearest milli-unit, and never "0m" for a positive target (the API server refuses a zero target). */}}
 {{- define "loraserve.milli" -}}
-{{- printf "%dm" (mulf . 1000.0 | int) | quote }}
+{{- $m := round (mulf (float64 .) 1000.0) 0 | int64 }}
+{{- if and (lt $m 1) (gt (float64 .) 0.0) }}{{ $m = 1 }}{{ end }}
+{{- printf "%dm" $m | quote }}
+{{- end }}
+
+{{/* The Triton image and the model-config set for this pod's target (gpu.enabled). */}}
+{{- define "loraserve.tritonImage" -}}
+{{- $img := ternary .Values.triton.gpuImage .Values.triton.image .Values.gpu.enabled }}
+{{- printf "%s:%s" $img.repository $img.tag }}
+{{- end }}
+{{- define "loraserve.tritonPullPolicy" -}}
+{{- (ternary .Values.triton.gpuImage .Values.triton.image .Values.gpu.enabled).pullPolicy }}
+{{- end }}
+{{- define "loraserve.target" -}}
+{{- if .Values.gpu.enabled }}{{ ternary "gpu-tensorrt" "gpu" (eq .Values.triton.gpuAccelerator "tensorrt") }}{{ else }}cpu{{ end }}
+{{- end }}
+
+{{/* Exec probe on Triton's loopback-only HTTP port: python in the CPU image, curl in NVIDIA's. */}}
+{{- define "loraserve.tritonProbe" -}}
+{{- $url := printf "http://127.0.0.1:%v%s" .root.Values.triton.httpPort .path }}
+{{- if .root.Values.gpu.enabled }}
+exec: { command: ["curl", "-fsS", "-o", "/dev/null", "-m", "2", {{ $url | quote }}] }
+{{- else }}
+exec: { command: ["python", "-c", "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)", {{ $url | quote }}] }
+{{- end }}
+{{- end }}
+
+{{/* Cross-field checks the schema cannot express; each failure names the values to fix. */}}
+{{- define "loraserve.validate" -}}
+{{- $c := .Values.gateway.config }}
+{{- if not (has $c.defaultVariant $c.variants) }}
+{{- fail (printf "gateway.config.defaultVariant %q is not one of gateway.config.variants %v" $c.defaultVariant $c.variants) }}
+{{- end }}
+{{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
+{{- fail (printf "autoscaling.minReplicas (%v) > autoscaling.maxReplicas (%v)" .Values.autoscaling.minReplicas .Values.autoscaling.maxReplicas) }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (not .Values.serviceMonitor.enabled) (not .Values.autoscaling.scrapedElsewhere) }}
+{{- fail "autoscaling.enabled needs the gateway's metrics scraped: set serviceMonitor.enabled=true (with the additionalLabels your Prometheus selects), or autoscaling.scrapedElsewhere=true if you scrape the pods another way" }}
+{{- end }}
+{{- if and (eq .Values.modelRepository.source "url") (or (not .Values.modelRepository.url) (not .Values.modelRepository.sha256)) }}
+{{- fail "modelRepository.source=url needs modelRepository.url and modelRepository.sha256 (the archive's checksum)" }}
+{{- end }}
+{{- if and (eq .Values.modelRepository.source "pvc") (not .Values.modelRepository.existingClaim) }}
+{{- fail "modelRepository.source=pvc needs modelRepository.existingClaim" }}
+{{- end }}
+{{- $drain := add (int .Values.gateway.preStopSleepSeconds) (ceil (float64 $c.drainGraceSeconds) | int) (ceil (float64 $c.drainTimeoutSeconds) | int) 10 }}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (int $drain) }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) < preStopSleepSeconds + drainGraceSeconds + drainTimeoutSeconds + 10 s for Triton (%v): the kubelet would kill a draining pod" .Values.terminationGracePeriodSeconds $drain) }}
+{{- end }}
+{{- range $c.variants }}
+{{- if not ($.Files.Get (printf "files/triton/%s/classifier_%s.pbtxt" (include "loraserve.target" $) .)) }}
+{{- fail (printf "no Triton config for variant %q on target %s (files/triton/%s/): render it with python -m service.triton.model_config render" . (include "loraserve.target" $) (include "loraserve.target" $)) }}
+{{- end }}
+{{- end }}
 {{- end }}

@@ -213,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the Markdown tables of <workdir>/report (after build).",
     )
     e.add_argument("--workdir", type=Path, default=Path("artifacts/default"))
+
+    from .package import add_package_arguments  # standard library only; the artifact the chart delivers
+
+    add_package_arguments(
+        sub.add_parser(
+            "package",
+            help="archive a built repository as a versioned artifact with a sha256 manifest (docs/deployment.md)",
+        )
+    )
     return parser
 
 
@@ -348,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"best: {res['best']['recipe']} (written to {args.output})")
             return 0
+        if args.command == "package":
+            from .package import PackageError, run_package
+
+            try:
+                return run_package(args)
+            except PackageError as error:
+                raise PrepError(str(error)) from None
         if args.command == "evaluate":
             md = args.workdir / "report" / "report.md"
             if not md.is_file():

@@ -33,6 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_bench as gb
 
+from service.triton import repository as contract
+
+INT8_MODEL = contract.model_name("int8")
+FP16_MODEL = contract.model_name("fp16")
+
 REPO_ROOT = gb.REPO_ROOT
 CONTENDERS = ("gateway-int8", "gateway-fp16", "gateway-grpc", "triton", "naive", "transformers", "ray-serve")
 ALIASES = {"gateway": "gateway-int8", "ray": "ray-serve"}
@@ -71,7 +76,7 @@ def quick_repository(root: Path = QUICK_MODEL_DIR) -> Path:
     from service.modelprep.pipeline import build
 
     repository = root / "model_repository"
-    if built(repository, "classifier_int8") and built(repository, "classifier_fp16"):
+    if built(repository, INT8_MODEL) and built(repository, FP16_MODEL):
         return repository
     cfg = BuildConfig.tiny(workdir=root / "work", repository=repository)
     # Same truncation as the default build, so tokenized lengths, and therefore the cost per text, match it.
@@ -209,7 +214,7 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
     if name == "triton":
         return Contender(
             lambda c: gb.triton_sender(triton.grpc_url, vdir),
-            lambda: gb.triton_batch_counts(triton.grpc_url, "classifier_int8"),
+            lambda: gb.triton_batch_counts(triton.grpc_url, INT8_MODEL),
         )
     if name == "ray-serve":
         env = {
@@ -348,21 +353,29 @@ def render_markdown(data: dict, image_dir: str) -> str:
     lines = []
     if data.get("smoke"):
         lines += [
-            "> **SMOKE RUN — not a measurement.** "
-            f"{cfg['duration_seconds']:g} s per level, {cfg['repeats']} round(s), on a machine shared with "
-            "other work. It shows that the pipeline runs end to end; do not quote these figures.",
+            (
+                "> **SMOKE RUN — not a measurement.** "
+                f"{cfg['duration_seconds']:g} s per level, {cfg['repeats']} round(s), on a machine shared with "
+                "other work. It shows that the pipeline runs end to end; do not quote these figures."
+            ),
             "",
         ]
     lines += [
-        f"Run {data['started_at']} (UTC), {data['elapsed_seconds'] / 60:.1f} minutes, commit "
-        f"`{data.get('git_sha', 'unknown')}`.",
-        f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['usable_cores']} usable), "
-        f"{m['memory_gib']} GiB memory, {m['platform']}, Python {m['python']}; 1-minute load average "
-        f"{m['load_average_1m']} at the start (an idle machine shows < 0.5).",
-        f"Load: closed loop, one TREC question per request ({cfg['questions']} questions in a fixed order), "
-        f"{cfg['duration_seconds']:g} s per level after {cfg['warmup_seconds']:g} s of warm-up, "
-        f"{cfg['repeats']} round(s) per level; figures are medians over rounds, the req/s range is min–max. "
-        "The load generator runs on the same machine.",
+        (
+            f"Run {data['started_at']} (UTC), {data['elapsed_seconds'] / 60:.1f} minutes, commit "
+            f"`{data.get('git_sha', 'unknown')}`."
+        ),
+        (
+            f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores ({m['usable_cores']} usable), "
+            f"{m['memory_gib']} GiB memory, {m['platform']}, Python {m['python']}; 1-minute load average "
+            f"{m['load_average_1m']} at the start (an idle machine shows < 0.5)."
+        ),
+        (
+            f"Load: closed loop, one TREC question per request ({cfg['questions']} questions in a fixed order), "
+            f"{cfg['duration_seconds']:g} s per level after {cfg['warmup_seconds']:g} s of warm-up, "
+            f"{cfg['repeats']} round(s) per level; figures are medians over rounds, the req/s range is min–max. "
+            "The load generator runs on the same machine."
+        ),
         "",
     ]
     ceil = data.get("ceiling")
@@ -380,23 +393,29 @@ def render_markdown(data: dict, image_dir: str) -> str:
         lines += [
             "### In-process ceiling of the model",
             "",
-            "ONNX Runtime INT8, 2 threads, the same texts, padded per batch, tokenization excluded "
-            f"({ceil['seconds']:g} s × {ceil['repeats']} per batch size, median):",
+            (
+                "ONNX Runtime INT8, 2 threads, the same texts, padded per batch, tokenization excluded "
+                f"({ceil['seconds']:g} s × {ceil['repeats']} per batch size, median):"
+            ),
             "",
             "| texts | " + " | ".join(f"batch {b}" for b in sizes) + " |",
             "|---|" + "---|" * len(sizes),
             *(f"| {order} | " + " | ".join(f"{cell(order, b):g}" for b in sizes) + " |" for order in orders),
             "",
-            f"Best: **{ceil['best_sequences_per_second']:g} sequences/s at batch size "
-            f"{ceil['best_batch_size']} ({ceil['best_order']})** — no server of this model can answer more single-text requests "
-            "per second on this machine.",
+            (
+                f"Best: **{ceil['best_sequences_per_second']:g} sequences/s at batch size "
+                f"{ceil['best_batch_size']} ({ceil['best_order']})** — no server of this model can answer more single-text requests "
+                "per second on this machine."
+            ),
             "",
         ]
     lines += [
         "### Serving, by contender and concurrency",
         "",
-        "| contender | clients | req/s (median) | req/s range | % of ceiling | P50 ms | P95 ms | P99 ms | "
-        "errors | mean batch |",
+        (
+            "| contender | clients | req/s (median) | req/s range | % of ceiling | P50 ms | P95 ms | P99 ms | "
+            "errors | mean batch |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     best = ceil["best_sequences_per_second"] if ceil else None
@@ -485,7 +504,12 @@ def git_sha() -> str:
 
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--", "bench", "service", "loadtest", ":!bench/results"],
@@ -493,6 +517,7 @@ def git_sha() -> str:
             capture_output=True,
             text=True,
             timeout=10,
+            check=False,
         ).stdout.strip()
         return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -549,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.model_repository is None:
         default = REPO_ROOT / "model_repository"
-        has_both = built(default, "classifier_int8") and built(default, "classifier_fp16")
+        has_both = built(default, INT8_MODEL) and built(default, FP16_MODEL)
         args.model_repository = default if has_both else quick_repository()
-    vdir = built(args.model_repository, "classifier_int8")
+    vdir = built(args.model_repository, INT8_MODEL)
     if vdir is None:
         sys.exit(f"{args.model_repository}/classifier_int8 has no built version (python -m service.modelprep build)")
     meta = json.loads((vdir / "labels.json").read_text())
@@ -608,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             triton = TritonServer(
                 TritonLaunchConfig(
                     model_repository=args.model_repository,
-                    models=("classifier_int8", "classifier_fp16"),
+                    models=(INT8_MODEL, FP16_MODEL),
                     log_path=logs / "tritonserver.log",
                 )
             ).start()
@@ -616,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}:", flush=True)
             try:
                 contender = start_contender(name, args, triton, vdir, meta, logs)
-            except Exception as e:  # noqa: BLE001 - one contender failing to start must not void the others
+            except Exception as e:  # noqa: BLE001 - any failure here is reported, never fatal
                 failed.append({"contender": name, "error": str(e).splitlines()[0][:300]})
                 print(f"  {name} did not start: {e}", flush=True)
                 continue

@@ -1,6 +1,7 @@
 """Building blocks of the peer benchmark: contender servers, closed-loop load, senders (a library and a CLI).
 
-The command is ``python bench/compare.py`` (docs/benchmarks.md); running this file takes the same options.
+The command is ``python bench/compare.py`` (docs/benchmarks.md). This module never imports compare.py (no import
+cycle); run directly it only serves one child peer (``--serve naive|transformers``), which compare.py starts.
 
 Contenders, each started as its own process on 127.0.0.1 and measured alone:
   gateway-int8  python -m service.gateway -> Triton (classifier_int8), dynamic batching in the gateway
@@ -30,6 +31,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from service.triton import repository as contract
+
+INT8_MODEL = contract.model_name("int8")
+FP16_MODEL = contract.model_name("fp16")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -211,7 +217,7 @@ async def closed_loop(send, concurrency: int, warmup_seconds: float, duration_se
             k += 7
             try:
                 ok = await send(q)
-            except Exception:  # noqa: BLE001 - every failure is counted, the load goes on
+            except Exception:  # noqa: BLE001 - any failure here is reported, never fatal
                 ok = False
             t1 = time.perf_counter()
             if t0 >= measure_from and t1 <= stop_at:
@@ -304,7 +310,7 @@ def triton_sender(grpc_url: str, version_dir: Path):
         inputs[0].set_data_from_numpy(ids)
         inputs[1].set_data_from_numpy(np.ones_like(ids))
         res = await client.infer(
-            "classifier_int8", inputs, outputs=[grpcaio.InferRequestedOutput("logits")], client_timeout=60
+            INT8_MODEL, inputs, outputs=[grpcaio.InferRequestedOutput("logits")], client_timeout=60
         )
         return res.as_numpy("logits") is not None
 
@@ -320,7 +326,7 @@ def gateway_grpc_sender(grpc_url: str):
     async def send(q: str) -> bool:
         tensor = grpcaio.InferInput("text", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([q.encode()], dtype=object))
-        res = await client.infer("classifier_int8", [tensor], client_timeout=60)
+        res = await client.infer(INT8_MODEL, [tensor], client_timeout=60)
         return res.as_numpy("labels") is not None
 
     return send, client.close
@@ -340,7 +346,7 @@ def gateway_batch_counts(url: str, variant: str = "int8") -> tuple[float, float]
     return count, total
 
 
-def triton_batch_counts(grpc_url: str, model: str = "classifier_int8") -> tuple[float, float]:
+def triton_batch_counts(grpc_url: str, model: str = INT8_MODEL) -> tuple[float, float]:
     import tritonclient.grpc as grpcclient
 
     c = grpcclient.InferenceServerClient(grpc_url)
@@ -355,14 +361,11 @@ def triton_batch_counts(grpc_url: str, model: str = "classifier_int8") -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Serve one child peer (``--serve naive|transformers``, started by compare.py), else run the comparison."""
+    """Serve one child peer (``--serve naive|transformers``); compare.py starts it. The comparison is compare.py."""
     argv = sys.argv[1:] if argv is None else argv
-    if "--serve" not in argv:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import compare
-
-        return compare.main(argv)
-    p = argparse.ArgumentParser(description="serve one peer of the benchmark (internal)")
+    p = argparse.ArgumentParser(
+        description="Serve one peer of the benchmark (started by bench/compare.py; run that for the comparison)."
+    )
     p.add_argument("--serve", choices=["naive", "transformers"], required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--version-dir", required=True)

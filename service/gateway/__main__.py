@@ -162,8 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     supervisor = None
     if args.embedded_triton:
         # Imported only here: the gateway image may run without the embedded server's package.
-        from service.triton.supervisor import TritonSupervisor
         from service.triton.launcher import TritonLaunchConfig, TritonStartError
+        from service.triton.supervisor import TritonSupervisor
 
         cfg = TritonLaunchConfig(
             model_repository=settings.triton.model_repository,

@@ -192,7 +192,9 @@ class DataPlane:
                 raise ModelNotFound(f"unknown model {model_name!r}; served models: {', '.join(self.served_models())}")
             versions = {str(models[variant].version)}
         if version and version not in versions:
-            raise ModelNotFound(f"model {model_name!r} has no version {version!r}; served: {', '.join(sorted(versions))}")
+            raise ModelNotFound(
+                f"model {model_name!r} has no version {version!r}; served: {', '.join(sorted(versions))}"
+            )
         return variant
 
     def served_models(self) -> list[str]:

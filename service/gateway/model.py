@@ -101,7 +101,9 @@ class TextEncoder:
         rows = [np.asarray(e.ids, dtype=np.int64) for e in self._tokenizer.encode_batch(list(texts))]
         if self.truncation == "head_tail":
             tail = self.max_length - self.head_tokens
-            rows = [r if len(r) <= self.max_length else np.concatenate([r[: self.head_tokens], r[-tail:]]) for r in rows]
+            rows = [
+                r if len(r) <= self.max_length else np.concatenate([r[: self.head_tokens], r[-tail:]]) for r in rows
+            ]
         return rows
 
     def pad(self, rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

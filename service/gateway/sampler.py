@@ -72,13 +72,13 @@ class NvmlReader:
             return None
         try:
             pynvml.nvmlInit()
-        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: no GPU here
+        except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: no GPU here  # noqa: BLE001 - any failure here is reported, never fatal
             logger.debug("NVML unavailable: %s", exc)
             return None
         try:
             count = pynvml.nvmlDeviceGetCount()
             handles = [(str(i), pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure here is reported, never fatal
             logger.warning("NVML initialised but listing GPUs failed: %s", exc)
             pynvml.nvmlShutdown()
             return None
@@ -94,7 +94,7 @@ class NvmlReader:
             try:
                 util = self._nvml.nvmlDeviceGetUtilizationRates(handle)
                 mem = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure here is reported, never fatal
                 logger.warning("NVML read of GPU %s failed: %s", index, exc)
                 continue
             samples.append(GpuSample(index, util.gpu / 100.0, float(mem.used), float(mem.total)))
@@ -104,7 +104,7 @@ class NvmlReader:
         """Shut NVML down."""
         try:
             self._nvml.nvmlShutdown()
-        except Exception:  # already shut down or driver gone: nothing to release
+        except Exception:  # already shut down or driver gone: nothing to release  # noqa: BLE001, S110 - nothing to release
             pass
 
 

@@ -453,7 +453,7 @@ class TritonServer:
             text = log_file.read().decode("utf-8", errors="replace")
         return "\n".join(text.splitlines()[-n_lines:])
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self) -> TritonServer:  # noqa: PYI034 - returns the server itself
         return self.start()
 
     def __exit__(

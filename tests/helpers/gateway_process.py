@@ -62,9 +62,10 @@ class RecordingTritonBackend(TritonBackend):
 async def gateway_client(settings: Settings, backend: TritonBackend | None = None) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and yield an httpx client bound to it (``client.app`` is the app)."""
     app = create_app(settings, backend)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=60.0
-    ) as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=60.0) as client,
+    ):
         client.app = app  # type: ignore[attr-defined]
         yield client
 

@@ -31,46 +31,58 @@ DEFAULT_DOC = REPO_ROOT / "docs" / "reliability.md"
 SCENARIOS: dict[str, tuple[str, str]] = {
     "triton_killed": (
         "1. Triton killed mid-load",
-        "`python -m service.gateway --embedded-triton` under closed-loop load (8 clients, deadline 3 s each); "
-        "tritonserver gets SIGKILL. Asserted: every request is answered 200 or 503, none later than its deadline "
-        "(+1 s), `/readyz` turns 503, the gateway's supervisor restarts Triton on the same ports and 200s "
-        "return without any gateway restart. Recovery = SIGKILL to the first 200 afterwards.",
+        (
+            "`python -m service.gateway --embedded-triton` under closed-loop load (8 clients, deadline 3 s each); "
+            "tritonserver gets SIGKILL. Asserted: every request is answered 200 or 503, none later than its deadline "
+            "(+1 s), `/readyz` turns 503, the gateway's supervisor restarts Triton on the same ports and 200s "
+            "return without any gateway restart. Recovery = SIGKILL to the first 200 afterwards."
+        ),
     ),
     "triton_stalled": (
         "2. Triton stalled (SIGSTOP)",
-        "The gateway process in front of a SIGSTOPped tritonserver (SIGCONT in a finalizer). Concurrent requests "
-        "with a 1 s deadline. Asserted: each ends with 504 at its deadline (+1.5 s margin), the queue depth never "
-        "exceeds max_queue_size and is back to 0 afterwards, and after SIGCONT requests succeed again.",
+        (
+            "The gateway process in front of a SIGSTOPped tritonserver (SIGCONT in a finalizer). Concurrent requests "
+            "with a 1 s deadline. Asserted: each ends with 504 at its deadline (+1.5 s margin), the queue depth never "
+            "exceeds max_queue_size and is back to 0 afterwards, and after SIGCONT requests succeed again."
+        ),
     ),
     "overload": (
         "3. Overload at 3x capacity",
-        "Capacity is measured first (closed loop, texts/s); then an open-loop generator offers 3x that for a "
-        "bounded time (requests of 16 texts, queue of 64 texts). Asserted: every request is answered 200 or 429 "
-        "with Retry-After, no 5xx, no client error, the gateway's RSS grows by less than 100 MiB, and the admitted "
-        "throughput does not collapse (at least 10% of the measured capacity). It stays below capacity here: the "
-        "open-loop generator (httpx, itself CPU-hungry at ~440 requests/s), the gateway answering the shed "
-        "requests and Triton share 2 cores, and since ONNX Runtime no longer spins, the gateway's HTTP work is the "
-        "bottleneck, not the model: 0.81 of capacity when Triton was the bottleneck; 0.19-0.63 across recent runs "
-        "with capacity 3.6x higher, the spread being how much CPU the generator takes from the gateway.",
+        (
+            "Capacity is measured first (closed loop, texts/s); then an open-loop generator offers 3x that for a "
+            "bounded time (requests of 16 texts, queue of 64 texts). Asserted: every request is answered 200 or 429 "
+            "with Retry-After, no 5xx, no client error, the gateway's RSS grows by less than 100 MiB, and the admitted "
+            "throughput does not collapse (at least 10% of the measured capacity). It stays below capacity here: the "
+            "open-loop generator (httpx, itself CPU-hungry at ~440 requests/s), the gateway answering the shed "
+            "requests and Triton share 2 cores, and since ONNX Runtime no longer spins, the gateway's HTTP work is the "
+            "bottleneck, not the model: 0.81 of capacity when Triton was the bottleneck; 0.19-0.63 across recent runs "
+            "with capacity 3.6x higher, the spread being how much CPU the generator takes from the gateway."
+        ),
     ),
     "client_disconnect": (
         "4. Clients disconnecting while queued",
-        "Requests wait in the queue (max_wait 2 s) and their clients give up after 0.3 s. Asserted: all are "
-        'counted in `gateway_requests_rejected_total{reason="client_disconnect"}`, no batch is sent and Triton\'s '
-        "inference count does not move.",
+        (
+            "Requests wait in the queue (max_wait 2 s) and their clients give up after 0.3 s. Asserted: all are "
+            'counted in `gateway_requests_rejected_total{reason="client_disconnect"}`, no batch is sent and Triton\'s '
+            "inference count does not move."
+        ),
     ),
     "hostile_input": (
         "5. Hostile input",
-        "Empty, whitespace-only, megabyte and over-long texts, thousands of texts, wrong JSON types, invalid UTF-8, "
-        "unknown fields and variants, absurd deadlines, over v1 and v2 against real Triton; plus schemathesis "
-        "fuzzing of the OpenAPI spec against the app (fake backend). Asserted: each case gets its documented "
-        "4xx, never a 5xx, and the gateway still answers 200 afterwards.",
+        (
+            "Empty, whitespace-only, megabyte and over-long texts, thousands of texts, wrong JSON types, invalid UTF-8, "
+            "unknown fields and variants, absurd deadlines, over v1 and v2 against real Triton; plus schemathesis "
+            "fuzzing of the OpenAPI spec against the app (fake backend). Asserted: each case gets its documented "
+            "4xx, never a 5xx, and the gateway still answers 200 afterwards."
+        ),
     ),
     "graceful_shutdown": (
         "6. Graceful shutdown (SIGTERM)",
-        "Requests queued in the gateway process (max_wait 0.5 s), then SIGTERM, then more requests. Asserted: "
-        "every request accepted before SIGTERM is answered 200, later ones get 503 (or a refused connection once "
-        "the listener closed), and the process exits 0.",
+        (
+            "Requests queued in the gateway process (max_wait 0.5 s), then SIGTERM, then more requests. Asserted: "
+            "every request accepted before SIGTERM is answered 200, later ones get 503 (or a refused connection once "
+            "the listener closed), and the process exits 0."
+        ),
     ),
 }
 
@@ -134,15 +146,19 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         "# Reliability: faults, overload and hostile input",
         "",
-        "Each scenario is an automated test against the real gateway and the real tritonserver, in the default "
-        "test command (`tests/integration/test_reliability_*.py`, `tests/unit/test_gateway_fuzz.py`, "
-        "`tests/unit/test_gateway_auth.py`). Loops are bounded in count and time and bind 127.0.0.1 only. The "
-        "figures below are from the latest run, rendered by "
-        "`LORASERVE_RELIABILITY_JSON=bench/results/reliability.json .venv/bin/python -m tests.helpers.reliability` from `bench/results/reliability.json`.",
+        (
+            "Each scenario is an automated test against the real gateway and the real tritonserver, in the default "
+            "test command (`tests/integration/test_reliability_*.py`, `tests/unit/test_gateway_fuzz.py`, "
+            "`tests/unit/test_gateway_auth.py`). Loops are bounded in count and time and bind 127.0.0.1 only. The "
+            "figures below are from the latest run, rendered by "
+            "`LORASERVE_RELIABILITY_JSON=bench/results/reliability.json .venv/bin/python -m tests.helpers.reliability` from `bench/results/reliability.json`."
+        ),
         "",
-        f"Machine: {data.get('machine', 'unknown')}. The model is the tests' tiny build (MiniLM, INT8), and the "
-        "load generator runs on the same cores as the gateway and Triton, so throughput figures describe this "
-        "setup, not a capacity claim.",
+        (
+            f"Machine: {data.get('machine', 'unknown')}. The model is the tests' tiny build (MiniLM, INT8), and the "
+            "load generator runs on the same cores as the gateway and Triton, so throughput figures describe this "
+            "setup, not a capacity claim."
+        ),
         "",
         '"lost" counts requests that got no HTTP answer at all (client-side error or timeout); it must be 0.',
         "",
@@ -161,11 +177,13 @@ def render(data: dict[str, Any]) -> str:
     lines += [
         "## 7. Authentication and limits",
         "",
-        "Optional API keys (`GATEWAY_API_KEYS`, off by default): 401 without a key, 403 with a wrong one "
-        "(gRPC UNAUTHENTICATED / PERMISSION_DENIED), constant-time comparison, health/readiness/metrics exempt; "
-        'see docs/gateway.md "Authentication". Limits: body `GATEWAY_MAX_BODY_BYTES` (413; gRPC message limit), '
-        "texts per call `GATEWAY_MAX_CLIENT_BATCH_SIZE` (413 / INVALID_ARGUMENT), characters per text "
-        "`GATEWAY_MAX_TEXT_CHARS` (413). Tested in `tests/unit/test_gateway_auth.py` and by scenario 5.",
+        (
+            "Optional API keys (`GATEWAY_API_KEYS`, off by default): 401 without a key, 403 with a wrong one "
+            "(gRPC UNAUTHENTICATED / PERMISSION_DENIED), constant-time comparison, health/readiness/metrics exempt; "
+            'see docs/gateway.md "Authentication". Limits: body `GATEWAY_MAX_BODY_BYTES` (413; gRPC message limit), '
+            "texts per call `GATEWAY_MAX_CLIENT_BATCH_SIZE` (413 / INVALID_ARGUMENT), characters per text "
+            "`GATEWAY_MAX_TEXT_CHARS` (413). Tested in `tests/unit/test_gateway_auth.py` and by scenario 5."
+        ),
         "",
     ]
     return "\n".join(lines)

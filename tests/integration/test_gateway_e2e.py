@@ -40,10 +40,14 @@ QUESTIONS = [
     "When did Napoleon die ?",
 ]
 LONG_QUESTIONS = [
-    "What is the name of the longest river in South America and which countries does it flow through before "
-    "it reaches the Atlantic Ocean near the old harbour city ?",
-    "Which famous English playwright wrote the tragedy about the prince of Denmark whose father's ghost asks "
-    "him to avenge a murder committed by his uncle the new king ?",
+    (
+        "What is the name of the longest river in South America and which countries does it flow through before "
+        "it reaches the Atlantic Ocean near the old harbour city ?"
+    ),
+    (
+        "Which famous English playwright wrote the tragedy about the prince of Denmark whose father's ghost asks "
+        "him to avenge a murder committed by his uncle the new king ?"
+    ),
 ]
 
 
@@ -102,7 +106,7 @@ async def test_single_and_list_match_onnxruntime(triton_server, model_repository
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["variant"] == variant and body["model"] == f"classifier_{variant}" and body["model_version"] == "1"
-    for q, resp in zip(QUESTIONS, singles):
+    for q, resp in zip(QUESTIONS, singles, strict=False):
         got = np.array([[resp.json()["results"][0]["probabilities"][lbl] for lbl in labels]])
         np.testing.assert_allclose(
             got, reference_probabilities(model_repository, variant, [q]), atol=PROB_ATOL[variant]

@@ -68,15 +68,19 @@ def _locust(host: str, csv_prefix: Path, *args: str, timeout_seconds: float = 90
         *args,
     ]
     # -t bounds the run; the subprocess timeout only guards against a hung locust.
-    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_seconds)
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_seconds, check=False)
 
 
 def _classify_counts(url: str) -> dict[str, float]:
-    """gateway_requests_total of /v1/classify by status code, summed over variants."""
+    """gateway_requests_total of v1 REST classify requests by status code, summed over variants."""
     counts: dict[str, float] = {}
     for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for s in fam.samples:
-            if s.name == "gateway_requests_total" and s.labels.get("route") == "/v1/classify":
+            labels = s.labels
+            if s.name == "gateway_requests_total" and (labels.get("operation"), labels.get("protocol")) == (
+                "classify",
+                "rest_v1",
+            ):
                 counts[s.labels["code"]] = counts.get(s.labels["code"], 0.0) + s.value
     return counts
 

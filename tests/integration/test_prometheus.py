@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from tests.helpers.gateway_process import REPO_ROOT, GatewayProcess, closed_port
 pytestmark = pytest.mark.integration
 
 RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
+GRPC_LINE = re.compile(r"gateway gRPC \(v2 GRPCInferenceService, health\) at (127\.0\.0\.1:\d+)")
 ADAPTER_VALUES = REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
 # Static target labels standing in for what the Prometheus Operator adds in a cluster (namespace, pod, service),
 # so the recording rules and the adapter's label matchers see the shapes they will see there.
@@ -164,6 +166,31 @@ def gateway_process(triton_server, model_repository, tmp_path):
 
 
 @pytest.fixture
+def grpc_gateway_process(triton_server, model_repository, tmp_path):
+    """A gateway with its gRPC port open and a batching wait, so every request spends time in the queue."""
+    gw = GatewayProcess(
+        [],
+        {
+            "GATEWAY_TRITON__GRPC_URL": triton_server.grpc_url,
+            "GATEWAY_TRITON__MODEL_REPOSITORY": str(model_repository),
+            "GATEWAY_GRPC_PORT": "0",
+            "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+            "GATEWAY_BATCH__MAX_WAIT_SECONDS": "0.4",
+            "GATEWAY_BATCH__FLUSH_WHEN_IDLE": "false",
+        },
+        tmp_path / "gateway-grpc.log",
+    )
+    try:
+        gw.wait_ready(60)
+        match = GRPC_LINE.search(gw.log())
+        assert match, gw.log()[-2000:]
+        gw.grpc_url = match.group(1)  # type: ignore[attr-defined]
+        yield gw
+    finally:
+        gw.stop()
+
+
+@pytest.fixture
 def prometheus(gateway_process, triton_server, tmp_path):
     binary = _prometheus_binary()
     workdir = tmp_path / "prometheus"
@@ -196,6 +223,57 @@ async def _traffic(url: str) -> dict[int, int]:
 
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
         await asyncio.gather(*(client(http) for _ in range(CONCURRENCY)))
+    return codes
+
+
+def _texts_input(texts: list[str]):
+    import numpy as np
+    import tritonclient.grpc.aio as grpcaio
+
+    tensor = grpcaio.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    return tensor
+
+
+async def _protocol_traffic(protocol: str, http_url: str, grpc_url: str, model: str, seconds: float) -> dict[int, int]:
+    """Classify over one protocol only (v2 REST or v2 gRPC) from CONCURRENCY clients for ``seconds`` (bounded)."""
+    import tritonclient.grpc.aio as grpcaio
+    from tritonclient.utils import InferenceServerException
+
+    give_up = time.monotonic() + seconds
+    codes: dict[int, int] = {}
+    counter = iter(range(TRAFFIC_REQUESTS))
+
+    async def rest_client(http: httpx.AsyncClient) -> None:
+        for i in counter:
+            if time.monotonic() > give_up:
+                return
+            body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [QUESTIONS[i % 8]]}]}
+            resp = await http.post(f"/v2/models/{model}/infer", json=body)
+            codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
+            await asyncio.sleep(CLIENT_PAUSE_SECONDS)
+
+    async def grpc_client(client: grpcaio.InferenceServerClient) -> None:
+        for i in counter:
+            if time.monotonic() > give_up:
+                return
+            try:
+                await client.infer(model, [_texts_input([QUESTIONS[i % 8]])], client_timeout=30)
+                code = 200
+            except InferenceServerException:
+                code = 500
+            codes[code] = codes.get(code, 0) + 1
+            await asyncio.sleep(CLIENT_PAUSE_SECONDS)
+
+    if protocol == "grpc":
+        client = grpcaio.InferenceServerClient(grpc_url)
+        try:
+            await asyncio.gather(*(grpc_client(client) for _ in range(CONCURRENCY)))
+        finally:
+            await client.close()
+    else:
+        async with httpx.AsyncClient(base_url=http_url, timeout=30.0) as http:
+            await asyncio.gather(*(rest_client(http) for _ in range(CONCURRENCY)))
     return codes
 
 
@@ -261,3 +339,52 @@ async def test_prometheus_records_p99_and_queue_depth_from_live_traffic(promethe
     served = prometheus.wait_for(p99_q, 10)
     assert served[0]["metric"] == {"service": TARGET_LABELS["service"]}
     assert 0.0 < float(served[0]["value"][1]) < 30.0
+
+
+async def test_grpc_only_and_v2_rest_only_traffic_reach_the_autoscaling_series(
+    grpc_gateway_process, triton_server, tmp_path
+):
+    """A client that switches to tritonclient (v2 REST or gRPC) stays visible to the P99, rate and queue signals.
+
+    Phase 1 sends gRPC traffic only, to classifier_fp16; phase 2 v2-REST traffic only, to classifier_int8; no v1
+    request is made. Each variant's recorded P99 and rate can then only come from one protocol, and the pod's queue
+    depth is read over each phase's own time window.
+    """
+    gw = grpc_gateway_process
+    workdir = tmp_path / "prometheus-protocols"
+    workdir.mkdir()
+    prom = PrometheusProcess(_prometheus_binary(), workdir, {"gateway": gw.url.removeprefix("http://")})
+    try:
+        prom.wait_ready(30)
+        prom.wait_for('up{job="gateway"} == 1', 30)
+        phases = {}
+        for protocol, model in (("grpc", "classifier_fp16"), ("rest_v2", "classifier_int8")):
+            start = time.time()
+            codes = await _protocol_traffic(protocol, gw.url, gw.grpc_url, model, seconds=8.0)
+            assert codes.get(200, 0) >= 20 and set(codes) == {200}, (protocol, codes)
+            await asyncio.sleep(2.5)  # two scrapes and rule evaluations after the last request
+            phases[protocol] = (start, time.time())
+
+        for protocol, variant in (("grpc", "fp16"), ("rest_v2", "int8")):
+            p99 = prom.wait_for(
+                f'namespace_variant:gateway_request_duration_seconds:p99_rate2m{{variant="{variant}"}}', 30
+            )
+            assert 0.0 < float(p99[0]["value"][1]) < 30.0, (protocol, p99)
+            rate = prom.wait_for(
+                f'namespace_variant_code:gateway_requests:rate2m{{variant="{variant}",code="200"}}', 30
+            )
+            assert float(rate[0]["value"][1]) > 0.0, (protocol, rate)
+            # The raw series carry the protocol: the only classify traffic of this variant came over it.
+            by_protocol = prom.query(
+                f'sum by (protocol) (gateway_requests_total{{operation="classify",variant="{variant}",code="200"}}) > 0'
+            )
+            assert [r["metric"]["protocol"] for r in by_protocol] == [protocol]
+            # The queue depth the HPA reads moved during this phase (each request waits up to 0.4 s in the queue).
+            start, end = phases[protocol]
+            window = max(2, round(end - start))
+            params = {"query": f"max_over_time(namespace_pod:gateway_queue_depth:sum[{window}s])", "time": f"{end:.3f}"}
+            data = _get_json(f"{prom.url}/api/v1/query?" + urllib.parse.urlencode(params))
+            assert data["status"] == "success" and data["data"]["result"], data
+            assert float(data["data"]["result"][0]["value"][1]) >= 1.0, (protocol, data)
+    finally:
+        prom.stop()

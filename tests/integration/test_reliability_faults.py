@@ -18,7 +18,7 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.helpers.gateway_process import QUESTIONS, external_gateway, metric_value
+from tests.helpers.gateway_process import QUESTIONS, GatewayProcess, external_gateway, metric_value
 from tests.helpers.reliability import record
 
 pytestmark = pytest.mark.integration

@@ -42,7 +42,43 @@ SAME_INPUT_ATOL = {"int8": 1e-4, "fp16": 1e-2}
 PADDED_ATOL = {"int8": 1e-1, "fp16": 1e-2}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-WORDS = ["what", "is", "the", "name", "of", "the", "longest", "river", "in", "south", "america", "and", "which", "countries", "does", "it", "flow", "through", "before", "it", "reaches", "the", "atlantic", "ocean", "near", "the", "city", "where", "the", "old", "harbour", "was", "built", "by", "traders"]
+WORDS = [
+    "what",
+    "is",
+    "the",
+    "name",
+    "of",
+    "the",
+    "longest",
+    "river",
+    "in",
+    "south",
+    "america",
+    "and",
+    "which",
+    "countries",
+    "does",
+    "it",
+    "flow",
+    "through",
+    "before",
+    "it",
+    "reaches",
+    "the",
+    "atlantic",
+    "ocean",
+    "near",
+    "the",
+    "city",
+    "where",
+    "the",
+    "old",
+    "harbour",
+    "was",
+    "built",
+    "by",
+    "traders",
+]
 
 
 def _model_name(variant: str) -> str:
@@ -293,7 +329,7 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(triton_server, tok
     assert inferences == len(requests)
     # Fewer model executions than requests: ragged requests were batched by Triton.
     assert executions < inferences, f"{executions} executions for {inferences} requests: no batching"
-    for (ids, mask), logits in zip(requests, results):
+    for (ids, mask), logits in zip(requests, results, strict=False):
         assert logits.shape[0] == 1
         np.testing.assert_allclose(
             logits, _reference(reference_sessions, variant, ids, mask), rtol=0, atol=PADDED_ATOL[variant]

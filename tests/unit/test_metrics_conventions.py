@@ -7,6 +7,7 @@ NVML reports a GPU (no fake zeros on a CPU machine).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -154,7 +155,7 @@ def test_request_duration_buckets_resolve_p99_between_5ms_and_2s():
     edges = [b for b in REQUEST_DURATION_BUCKETS_SECONDS if 0.005 <= b <= 2.5]
     assert edges[0] == 0.005 and edges[-1] >= 2.0
     # Linear interpolation inside a bucket errs by at most its width: adjacent edges within a factor 2.5.
-    assert all(b / a <= 2.5 for a, b in zip(edges, edges[1:])), edges
+    assert all(b / a <= 2.5 for a, b in itertools.pairwise(edges)), edges
     assert 0.2 in REQUEST_DURATION_BUCKETS_SECONDS  # the 200 ms SLO is an exact edge: no interpolation at the alert
 
 
@@ -276,7 +277,7 @@ def test_nvml_reader_is_absent_without_a_gpu_and_real_with_one():
 
 def _nvml_importable() -> bool:
     try:
-        import pynvml  # noqa: F401
+        import pynvml  # noqa: F401 - imported to probe availability
     except ImportError:
         return False
     return True

@@ -107,31 +107,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.dataplane = dataplane
 
     @_rpc
-    async def ServerLive(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC names
+    async def ServerLive(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """Live while the process runs."""
         return service_pb2.ServerLiveResponse(live=True)
 
     @_rpc
-    async def ServerReady(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802
+    async def ServerReady(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """Ready exactly when /readyz is 200."""
         ready, _ = await self.dataplane.readiness()
         return service_pb2.ServerReadyResponse(ready=ready)
 
     @_rpc
-    async def ModelReady(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802
+    async def ModelReady(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """Ready when the model's batcher runs, Triton is ready and the gateway is not draining."""
         dp = self.dataplane
         ready = await dp.model_ready(dp.resolve_model(request.name, request.version))
         return service_pb2.ModelReadyResponse(ready=ready)
 
     @_rpc
-    async def ServerMetadata(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802
+    async def ServerMetadata(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """Name, version and extensions."""
         name, version = self.dataplane.server_metadata()
         return service_pb2.ServerMetadataResponse(name=name, version=version, extensions=codec.EXTENSIONS)
 
     @_rpc
-    async def ModelMetadata(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802
+    async def ModelMetadata(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """The 'text' input and the 'probabilities' and 'labels' outputs."""
         meta = codec.model_metadata(self.dataplane.describe(request.name, request.version))
         tm = service_pb2.ModelMetadataResponse.TensorMetadata
@@ -144,7 +144,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     @_rpc
-    async def ModelConfig(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802
+    async def ModelConfig(self, request: Any, context: Any, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """A Triton ModelConfig: max_batch_size is the texts one request may carry; labels in a parameter."""
         cfg_dict = codec.model_config(self.dataplane.describe(request.name, request.version))
         cfg = model_config_pb2.ModelConfig(
@@ -169,9 +169,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelConfigResponse(config=cfg)
 
     @_rpc
-    async def ModelInfer(  # noqa: N802
-        self, request: Any, context: grpc.aio.ServicerContext, info: CallInfo
-    ) -> Any:
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext, info: CallInfo) -> Any:  # noqa: N802 - gRPC method names
         """Classify the texts of the 'text' input; one row of each output per text."""
         arrived = time.monotonic()
         dp = self.dataplane
@@ -248,14 +246,14 @@ class GatewayHealth(health_pb2_grpc.HealthServicer):
         ready, _ = await self.dataplane.readiness()
         return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC method names
         """The current status; NOT_FOUND for an unknown service (as the protocol asks)."""
         status = await self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802 - gRPC method names
         """Stream the status now and the change to NOT_SERVING when draining starts; ends when the client does."""
         status = await self._status(request.service)
         yield health_pb2.HealthCheckResponse(status=status)

@@ -8,9 +8,9 @@
 # LORASERVE_CONTAINERS_DIR (default: .cache/containers in the checkout, git-ignored) holds the configuration,
 # the image store and the cached Debian root filesystem, so a second run reuses every layer.
 _lcs_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LORASERVE_CONTAINERS_DIR="${LORASERVE_CONTAINERS_DIR:-$_lcs_root/.cache/containers}"
+export LORASERVE_CONTAINERS_DIR="${LORASERVE_CONTAINERS_DIR:-$_lcs_root/.cache/containers}"
 #: The name the Dockerfiles' FROM uses (ARG BASE); the local copy is imported under exactly this name.
-LORASERVE_BASE_IMAGE="${LORASERVE_BASE_IMAGE:-docker.io/library/debian:bookworm-slim}"
+export LORASERVE_BASE_IMAGE="${LORASERVE_BASE_IMAGE:-docker.io/library/debian:bookworm-slim}"
 LORASERVE_DEBIAN_MIRROR="${LORASERVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 mkdir -p "$LORASERVE_CONTAINERS_DIR/storage" "$LORASERVE_CONTAINERS_DIR/run"
 cat > "$LORASERVE_CONTAINERS_DIR/containers.conf" <<CONF

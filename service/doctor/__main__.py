@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None, api_client=None) -> int:
                 config.load_incluster_config()
             else:
                 config.load_kube_config(config_file=args.kubeconfig, context=args.context)
-        except Exception as exc:  # ConfigException, missing file: say so, do not trace back
+        except (config.ConfigException, OSError, ValueError) as exc:  # no/bad kubeconfig: say so, no traceback
             print(f"cannot load Kubernetes configuration: {exc}", file=sys.stderr)
             return 2
         api_client = client.ApiClient()

@@ -375,9 +375,11 @@ class Doctor:
 def report_text(report: HpaReport) -> str:
     """Human-readable report."""
     lines = [
-        f"HPA {report.namespace}/{report.name} -> {report.target}: replicas {report.current_replicas} "
-        f"(desired {report.desired_replicas}, min {report.min_replicas}, max {report.max_replicas}), "
-        f"{report.running_pods} running pod(s)",
+        (
+            f"HPA {report.namespace}/{report.name} -> {report.target}: replicas {report.current_replicas} "
+            f"(desired {report.desired_replicas}, min {report.min_replicas}, max {report.max_replicas}), "
+            f"{report.running_pods} running pod(s)"
+        ),
     ]
     for group, state in report.api_services.items():
         lines.append(f"  {group}: {state}")

@@ -110,7 +110,7 @@ def pad_and_concatenate(
     input_ids = np.full((total, max_len), PAD_TOKEN_ID, dtype=np.int64)
     attention_mask = np.zeros((total, max_len), dtype=np.int64)
     start = 0
-    for (ids, mask), n in zip(batches, rows):
+    for (ids, mask), n in zip(batches, rows, strict=True):
         seq = ids.shape[1]
         input_ids[start : start + n, :seq] = ids
         attention_mask[start : start + n, :seq] = mask
@@ -187,6 +187,27 @@ def _log(level: str, message: str) -> None:
         print(f"[{level}] {message}")
 
 
+def check_providers_in_use(instance_kind: str, in_use: Sequence[str]) -> None:
+    """Refuse a GPU instance whose session does not run on CUDA.
+
+    ``CUDAExecutionProvider`` can be *available* and still not be *used*: ONNX Runtime drops a provider it cannot
+    initialize (a missing cuDNN, a CUDA/driver mismatch) with a warning and runs everything on the CPU. For a
+    ``KIND_GPU`` instance that is a silent 10x slowdown, so the model fails to load instead.
+
+    Args:
+        instance_kind: Triton's ``model_instance_kind`` (``CPU``/``GPU``, or ``KIND_*``).
+        in_use: ``InferenceSession.get_providers()``, in priority order.
+
+    Raises:
+        RuntimeError: For a GPU instance whose first provider in use is not CUDA.
+    """
+    if instance_kind.upper().removeprefix("KIND_") == "GPU" and (not in_use or in_use[0] != "CUDAExecutionProvider"):
+        raise RuntimeError(
+            f"instance_group kind is KIND_GPU but ONNX Runtime runs on {list(in_use)}: CUDAExecutionProvider failed "
+            "to initialize (check cuDNN / CUDA libraries in Triton's environment); refusing to serve on the CPU"
+        )
+
+
 class TritonPythonModel:
     """One ONNX Runtime session per Triton model instance; batches ragged requests into one run."""
 
@@ -223,6 +244,7 @@ class TritonPythonModel:
             ort.get_available_providers(),
         )
         self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        check_providers_in_use(args.get("model_instance_kind", "CPU"), self._session.get_providers())
         self._logits_dtype = np.float32
         if pb_utils is not None:
             output_config = pb_utils.get_output_config_by_name(config, LOGITS)
@@ -284,7 +306,7 @@ class TritonPythonModel:
             pairs.append((ids, mask))
 
         if pairs:
-            for index, result in zip(valid_indices, self._run_batched(pairs)):
+            for index, result in zip(valid_indices, self._run_batched(pairs), strict=True):
                 if isinstance(result, Exception):
                     responses[index] = self._error_response(result)
                 else:

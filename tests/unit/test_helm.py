@@ -400,8 +400,13 @@ def test_default_is_cpu_image_and_cpu_configs_gpu_is_gpu_image_and_onnxruntime_c
     assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in gpu.get("env", [])}
     # TensorRT (FP16) on request, and the instance count reaches the configs.
-    trt = render(HELM, "-f", str(CHART / "ci" / "gpu-autoscaling-values.yaml"), "--set",
-                 "triton.gpuAccelerator=tensorrt,triton.instanceCount=2")  # fmt: skip
+    trt = render(
+        HELM,
+        "-f",
+        str(CHART / "ci" / "gpu-autoscaling-values.yaml"),
+        "--set",
+        "triton.gpuAccelerator=tensorrt,triton.instanceCount=2",
+    )
     config = _triton_configs(trt)["classifier_fp16"]
     accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert [a.name for a in accelerators] == ["tensorrt"] and accelerators[0].parameters["precision_mode"] == "FP16"
@@ -447,8 +452,12 @@ def test_scraping_is_wired_for_kube_prometheus_stack_and_autoscaling_refuses_to_
 def test_network_policy_admits_scrapers_to_the_gateway_metrics(rendered):
     policy = one(rendered["secure"], "NetworkPolicy")["spec"]
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-    http_peers = [peer for rule in policy["ingress"] if {"port": "http", "protocol": "TCP"} in rule["ports"]
-                  for peer in rule["from"]]  # fmt: skip
+    http_peers = [
+        peer
+        for rule in policy["ingress"]
+        if {"port": "http", "protocol": "TCP"} in rule["ports"]
+        for peer in rule["from"]
+    ]
     assert monitoring in http_peers
     assert all(rule.get("from") for rule in policy["ingress"])  # still nothing open to everyone
 
@@ -458,8 +467,10 @@ def test_prometheus_rule_and_dashboard_are_loadable_by_kube_prometheus_stack(ren
 
     rule = one(rendered["gpu-autoscaling"], "PrometheusRule")
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    files = {n: yaml.safe_load((REPO_ROOT / "deploy/prometheus" / n).read_text()) for n in
-             ("recording-rules.yml", "alert-rules.yml")}  # fmt: skip
+    files = {
+        n: yaml.safe_load((REPO_ROOT / "deploy/prometheus" / n).read_text())
+        for n in ("recording-rules.yml", "alert-rules.yml")
+    }
     assert rule["spec"]["groups"] == [g for f in files.values() for g in f["groups"]]
     dashboard = next(o for o in rendered["gpu-autoscaling"] if o["metadata"]["name"].endswith("-dashboard"))
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -471,14 +482,26 @@ def test_prometheus_rule_and_dashboard_are_loadable_by_kube_prometheus_stack(ren
         pytest.skip("promtool not installed (apt-get install prometheus)")
     # promtool checks and unit-tests the rules exactly as rendered into the PrometheusRule.
     (tmp_path / "chart-rules.yml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    check = subprocess.run([promtool, "check", "rules", "chart-rules.yml"], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=60, check=False)  # fmt: skip
+    check = subprocess.run(
+        [promtool, "check", "rules", "chart-rules.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     tests = yaml.safe_load((REPO_ROOT / "deploy/prometheus/rules-test.yml").read_text())
     tests["rule_files"] = ["chart-rules.yml"]
     (tmp_path / "chart-rules-test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
-    unit = subprocess.run([promtool, "test", "rules", "chart-rules-test.yml"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    unit = subprocess.run(
+        [promtool, "test", "rules", "chart-rules-test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 

@@ -140,9 +140,12 @@ def test_render_model_config_for_each_target(variant):
 
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
-    [({"target": "tpu"}, "target must be one of"), ({"accelerator": "rocm"}, "accelerator"),
-     ({"instance_count": 0}, "instance_count")],
-)  # fmt: skip
+    [
+        ({"target": "tpu"}, "target must be one of"),
+        ({"accelerator": "rocm"}, "accelerator"),
+        ({"instance_count": 0}, "instance_count"),
+    ],
+)
 def test_render_model_config_rejects_unknown_options(kwargs, expected):
     with pytest.raises(ModelConfigError, match=expected):
         mcfg.render_model_config("int8", **{"target": "gpu", **kwargs})

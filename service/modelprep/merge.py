@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PrepError
-from .finetune import default_base_model, load_classifier, load_tokenizer, predict_logits
+from .modeling import load_classifier, load_tokenizer, predict_logits, resolve_base_model
 
 
 def is_adapter(model_dir: Path) -> bool:
@@ -18,7 +18,7 @@ def is_adapter(model_dir: Path) -> bool:
 
 
 def load_trained(train_dir: Path):
-    """Load what ``train`` saved: (model, tokenizer, labels, max_length). A LoRA model comes back un-merged."""
+    """Load what ``train`` saved: (model, tokenizer, labels, max_length, truncation). LoRA comes back un-merged."""
     train_dir = Path(train_dir)
     meta_path = train_dir / "train.json"
     if not meta_path.is_file():
@@ -30,14 +30,14 @@ def load_trained(train_dir: Path):
     if is_adapter(model_dir):
         from peft import PeftModel
 
-        base = Path(meta.get("base_model") or default_base_model())
+        base = resolve_base_model(meta.get("base_model"))
         model = PeftModel.from_pretrained(load_classifier(base, labels), str(model_dir))
     else:
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), local_files_only=True)
     model.eval()
-    return model, tokenizer, labels, int(meta["config"]["max_length"])
+    return model, tokenizer, labels, int(meta["config"]["max_length"]), meta["config"].get("truncation", "head")
 
 
 def merge_adapter(train_dir: Path, output_dir: Path, parity_texts: list[str] | None = None) -> Path:
@@ -54,14 +54,16 @@ def merge_adapter(train_dir: Path, output_dir: Path, parity_texts: list[str] | N
         ``output_dir``.
     """
     train_dir, output_dir = Path(train_dir), Path(output_dir)
-    model, tokenizer, labels, max_length = load_trained(train_dir)
+    model, tokenizer, labels, max_length, truncation = load_trained(train_dir)
     parity: float | None = None
     if hasattr(model, "merge_and_unload"):
-        before = predict_logits(model, tokenizer, parity_texts, max_length) if parity_texts else None
+        before = (
+            predict_logits(model, tokenizer, parity_texts, max_length, truncation=truncation) if parity_texts else None
+        )
         merged = model.merge_and_unload()
         merged.eval()
         if before is not None:
-            after = predict_logits(merged, tokenizer, parity_texts, max_length)
+            after = predict_logits(merged, tokenizer, parity_texts, max_length, truncation=truncation)
             parity = float(np.abs(after - before).max())
     else:
         merged = model
@@ -78,6 +80,7 @@ def merge_adapter(train_dir: Path, output_dir: Path, parity_texts: list[str] | N
                 "max_abs_logit_diff_vs_adapter": parity,
                 "labels": labels,
                 "max_length": max_length,
+                "truncation": truncation,
                 "data_hash": meta.get("data_hash"),
                 "train_config": meta.get("config"),
             },

@@ -1,25 +1,30 @@
-"""The whole build: data -> fine-tune -> merge -> ONNX FP32 -> FP16 / INT8 -> evaluate -> report -> publish.
+"""The build, one stage function per step: data -> train -> merge -> ONNX FP32 -> FP16 / INT8 -> evaluate -> publish.
 
-Every stage writes into ``workdir/<stage>/`` with a ``stage.key`` holding the hash of everything it depends on;
-a re-run skips each stage whose key still matches, so running the build twice costs seconds.
+Every stage goes through the one ``StageCache`` (cache.py): it writes into ``workdir/<stage>/`` with a key of
+everything it depends on, and a re-run reuses each stage whose key still matches, publishing included. The default
+build is what serving needs; ``BuildConfig.with_full_report()`` adds the extra INT8 recipes, throughput rounds, the
+fine-tuning method comparison and compression, each as more stages of the same kind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import statistics
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import BuildConfig, QuantizeConfig, TrainConfig, config_hash, config_to_dict
+from .cache import StageCache
+from .config import BuildConfig, QuantizeConfig, config_hash, config_to_dict
 from .data import Dataset, load_dataset
+from .progress import Progress, Silent, fmt_seconds
 
 log = logging.getLogger(__name__)
+
+#: Rough seconds of each short stage for MiniLM-L6 (22.7 M parameters) on 2 CPU cores, scaled by the base model's
+#: size: the ETA of a stage that was never built in this workdir. Measured on the development machine.
+_REFERENCE_PARAMETERS = 22.7e6
+_STAGE_SECONDS = {"merged": 4.0, "onnx": 8.0, "fp16": 5.0, "int8-dynamic": 6.0, "int8-static": 20.0, "publish": 1.0}
 
 
 @dataclass
@@ -33,401 +38,483 @@ class BuildResult:
     reused: list[str]
 
 
-class _Stages:
-    def __init__(self, workdir: Path, force: bool) -> None:
-        self.workdir = workdir
-        self.force = force
-        self.reused: list[str] = []
-        #: seconds each stage took when it was (last) built, reused or not
-        self.seconds: dict[str, float] = {}
+@dataclass
+class BuildContext:
+    """What the stages share: the config, the cache, the data, each stage's key and the variants built so far."""
 
-    def run(self, name: str, key: str, fn: Callable[[Path], None]) -> Path:
-        d = self.workdir / name
-        stamp = d / "stage.key"
-        if not self.force and stamp.is_file() and stamp.read_text().strip() == key:
-            self.reused.append(name)
-            try:
-                self.seconds[name] = float((d / "stage.seconds").read_text())
-            except (OSError, ValueError):
-                pass
-            log.info("stage %s: up to date, reused", name)
-            return d
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        t0 = time.perf_counter()
-        fn(d)
-        self.seconds[name] = time.perf_counter() - t0
-        (d / "stage.seconds").write_text(f"{self.seconds[name]:.1f}")
-        stamp.write_text(key)
-        return d
+    cfg: BuildConfig
+    cache: StageCache
+    progress: Progress
+    data: Dataset
+    keys: dict[str, str] = field(default_factory=dict)
+    variant_paths: dict[str, Path] = field(default_factory=dict)
+    compressed_meta: dict[str, dict] = field(default_factory=dict)
+    _tokenizer: object = None
 
+    @property
+    def merged_dir(self) -> Path:
+        return self.cache.path("merged")
 
-def _say(msg: str) -> None:
-    print(f"[modelprep] {msg}", flush=True)
+    @property
+    def merge_meta(self) -> dict:
+        return json.loads((self.merged_dir / "merge.json").read_text())
 
+    @property
+    def max_length(self) -> int:
+        return int(self.merge_meta["max_length"])
 
-def compare_methods(cfg: BuildConfig, data: Dataset, trained: dict, steps: int = 20) -> list[dict]:
-    """Trainable parameters and seconds per epoch of LoRA, layered freezing and full fine-tuning.
+    @property
+    def truncation(self) -> str:
+        return self.merge_meta.get("truncation", "head")
 
-    The served method's figure comes from its real training run; the others are timed over ``steps`` optimizer
-    steps on the same data and batch size and extrapolated to a full epoch.
-    """
-    from .finetune import train
+    @property
+    def parity_texts(self) -> list[str]:
+        return self.data.validation.texts[:64] or self.data.test.texts[:64]
 
-    out = []
-    for method in ("lora", "layered", "full"):
-        if method == cfg.train.method and cfg.train.freeze_layers == 0:
-            out.append(
-                {
-                    "method": method,
-                    "trainable_parameters": trained["trainable_parameters"],
-                    "trainable_fraction": trained["trainable_parameters"] / trained["total_parameters"],
-                    "epoch_seconds": statistics.median(trained["epoch_seconds"]),
-                    "how": f"median of {len(trained['epoch_seconds'])} full epoch(s) of the served build",
-                }
-            )
-            continue
-        common = dict(
-            epochs=1,
-            max_steps=steps,
-            batch_size=cfg.train.batch_size,
-            max_length=cfg.train.max_length,
-            seed=cfg.train.seed,
-            base_model=cfg.train.base_model,
-        )
-        tcfg = {
-            "lora": lambda: TrainConfig.lora(**common),
-            "layered": lambda: TrainConfig.layered(freeze_layers=4, **common),
-            "full": lambda: TrainConfig.full(**common),
-        }[method]()
-        with tempfile.TemporaryDirectory() as tmp:
-            _say(f"timing {method} fine-tuning over {steps} steps")
-            res = train(tcfg, data, Path(tmp), progress=True)
-        out.append(
-            {
-                "method": method + (" (freeze 4 of 6 layers, tune upper attention)" if method == "layered" else ""),
-                "trainable_parameters": res.trainable_parameters,
-                "trainable_fraction": res.trainable_parameters / res.total_parameters,
-                "epoch_seconds": res.epoch_seconds[0],
-                "how": f"{steps} steps timed, extrapolated to one epoch",
-            }
-        )
-    return out
+    def tokenizer(self):
+        """The trained model's tokenizer, loaded on first use (a fully cached build never needs it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.merged_dir / "tokenizer"), local_files_only=True)
+        return self._tokenizer
+
+    def size_factor(self) -> float:
+        """Base-model parameters relative to MiniLM-L6 (from the size of its weight file)."""
+        try:
+            from .modeling import resolve_base_model
+
+            base = resolve_base_model(self.cfg.train.base_model)
+            files = list(base.glob("*.safetensors")) or list(base.glob("*.bin"))
+            return max(0.5, sum(f.stat().st_size for f in files) / 4 / _REFERENCE_PARAMETERS)
+        except Exception:  # noqa: BLE001 - an ETA is never worth failing a build for
+            return 1.0
+
+    def eta(self, stage: str) -> tuple[float, str]:
+        return _STAGE_SECONDS[stage] * self.size_factor(), "estimate from the base model's size"
 
 
-def build(cfg: BuildConfig, *, force: bool = False, progress: bool = True) -> BuildResult:
-    """Run (or resume) the whole build and publish the served variants.
+def _progress(progress: bool | Progress) -> Progress:
+    if isinstance(progress, Progress):
+        return progress
+    return Progress(bars=True) if progress else Progress(bars=False)
+
+
+def build(cfg: BuildConfig, *, force: bool = False, progress: bool | Progress = True) -> BuildResult:
+    """Run (or resume) the build and publish the served variants.
 
     Args:
         cfg: the build configuration.
         force: rebuild every stage even when its key matches.
-        progress: show progress bars.
+        progress: True: lines and bars; False: lines only (``--quiet``); or a ``Progress``.
 
     Returns:
         A ``BuildResult``.
     """
-    from .evaluate import evaluate_variant, measure_throughput_interleaved
-    from .export import export_onnx
-    from .finetune import train
-    from .merge import merge_adapter
-    from .publish import model_name, publish_variant
-    from .quantize import convert_fp16, quantize_int8
-    from .report import machine_description, write_report
-
     t_start = time.perf_counter()
-    workdir = cfg.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(workdir, force)
+    prog = _progress(progress)
+    cache = StageCache(cfg.workdir, force, prog)
+    ctx = BuildContext(cfg, cache, prog, stage_data(cfg, prog))
+    stage_train(ctx)
+    stage_merge(ctx)
+    stage_export(ctx)
+    stage_fp16(ctx)
+    stage_int8(ctx)
+    if cfg.compress is not None:
+        stage_compress(ctx)
+    rows = stage_evaluate(ctx)
+    methods = stage_methods(ctx) if cfg.compare_methods else []
+    report = assemble_report(ctx, rows, methods)
+    published = stage_publish(ctx, rows)
+    report["build_seconds"] = time.perf_counter() - t_start
+    report["reused_stages"] = cache.reused
+    report["stage_seconds"] = {k: round(v, 1) for k, v in cache.seconds.items()}
+    report_dir = cfg.report_dir or (cfg.workdir / "report")
+    from .report import write_report
 
+    report_path = write_report(report, report_dir)
+    prog.line(f"done in {fmt_seconds(report['build_seconds'])}; report written to {report_dir}/report.md")
+    return BuildResult(cfg.workdir, report_path, published, report, cache.reused)
+
+
+def stage_data(cfg: BuildConfig, prog: Progress | None = None) -> Dataset:
+    """Load and split the data (not cached: reading and splitting takes well under a second)."""
     data = load_dataset(cfg.data)
-    _say(
+    (prog or Silent()).line(
         f"data {data.name}: {len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test, "
         f"{len(data.label_names)} labels"
     )
-    k_train = config_hash(cfg.data, cfg.train, data.data_hash)
-    train_dir = stages.run("train", k_train, lambda d: train(cfg.train, data, d, progress=progress))
-    trained = json.loads((train_dir / "train.json").read_text())
+    return data
 
-    parity_texts = data.validation.texts[:64] or data.test.texts[:64]
-    k_merge = config_hash(k_train, "merge")
-    merged_dir = stages.run("merged", k_merge, lambda d: merge_adapter(train_dir, d, parity_texts))
-    merge_meta = json.loads((merged_dir / "merge.json").read_text())
-    max_length = int(merge_meta["max_length"])
 
-    k_export = config_hash(k_merge, cfg.export)
-    onnx_dir = stages.run(
-        "onnx", k_export, lambda d: export_onnx(cfg.export, merged_dir, d / "fp32.onnx", parity_texts)
+def stage_train(ctx: BuildContext) -> Path:
+    """Fine-tune with early stopping (finetune.train); the ETA comes from the first steps' measured rate."""
+    from .finetune import train
+
+    cfg = ctx.cfg
+    key = config_hash(cfg.data, cfg.train, ctx.data.data_hash)
+    ctx.keys["train"] = key
+    t = cfg.train
+    detail = f"{t.method} on {t.base_model or 'minilm'}, up to {t.epochs} epochs" + (
+        f", early stopping (patience {t.patience})" if t.patience else ""
     )
-    fp32_path = onnx_dir / "fp32.onnx"
-    export_meta = json.loads(fp32_path.with_suffix(".json").read_text())
+    return ctx.cache.run(
+        "train",
+        key,
+        lambda d: train(cfg.train, ctx.data, d, progress=ctx.progress),
+        eta=(None, "measured after the first 10 steps"),
+        detail=detail,
+    )
 
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir / "tokenizer"), local_files_only=True)
+def stage_merge(ctx: BuildContext) -> Path:
+    """Fold LoRA adapters into the weights; the merged model must match the adapter model."""
+    from .merge import merge_adapter
 
-    variant_paths: dict[str, Path] = {"fp32": fp32_path}
-    k_fp16 = config_hash(k_export, cfg.fp16)
-    d16 = stages.run("fp16", k_fp16, lambda d: convert_fp16(cfg.fp16, fp32_path, d / "fp16.onnx"))
-    variant_paths["fp16"] = d16 / "fp16.onnx"
+    ctx.keys["merged"] = config_hash(ctx.keys["train"], "merge")
+    train_dir = ctx.cache.path("train")
+    return ctx.cache.run(
+        "merged",
+        ctx.keys["merged"],
+        lambda d: merge_adapter(train_dir, d, ctx.parity_texts),
+        eta=ctx.eta("merged"),
+        detail="merge adapters, check parity",
+    )
 
-    int8_recipes: list[tuple[str, QuantizeConfig]] = [("int8", cfg.int8)]
-    for q in cfg.report_variants:
-        if q.tag != cfg.int8.tag:
-            int8_recipes.append((q.tag, q))
-    calib = data.train.texts
-    for name, q in int8_recipes:
-        k_q = config_hash(k_export, q)
-        _say(f"quantizing {name} ({q.tag})")
-        dq = stages.run(
+
+def stage_export(ctx: BuildContext) -> Path:
+    """ONNX FP32 export with a torch parity check."""
+    from .export import export_onnx
+
+    ctx.keys["onnx"] = config_hash(ctx.keys["merged"], ctx.cfg.export)
+    d = ctx.cache.run(
+        "onnx",
+        ctx.keys["onnx"],
+        lambda d: export_onnx(ctx.cfg.export, ctx.merged_dir, d / "fp32.onnx", ctx.parity_texts),
+        eta=ctx.eta("onnx"),
+        detail="ONNX FP32 export, parity vs torch",
+    )
+    ctx.variant_paths["fp32"] = d / "fp32.onnx"
+    return d
+
+
+def stage_fp16(ctx: BuildContext) -> Path:
+    """FP16 conversion (fragile ops kept in FP32)."""
+    from .quantize import convert_fp16
+
+    ctx.keys["fp16"] = config_hash(ctx.keys["onnx"], ctx.cfg.fp16)
+    fp32 = ctx.variant_paths["fp32"]
+    d = ctx.cache.run(
+        "fp16",
+        ctx.keys["fp16"],
+        lambda d: convert_fp16(ctx.cfg.fp16, fp32, d / "fp16.onnx"),
+        eta=ctx.eta("fp16"),
+        detail="FP16 conversion",
+    )
+    ctx.variant_paths["fp16"] = d / "fp16.onnx"
+    return d
+
+
+def int8_recipes(cfg: BuildConfig) -> list[tuple[str, QuantizeConfig]]:
+    """(variant name, recipe) of the served INT8 model and of the report-only recipes."""
+    out = [("int8", cfg.int8)]
+    out += [(q.tag, q) for q in cfg.report_variants if q.tag != cfg.int8.tag]
+    return out
+
+
+def stage_int8(ctx: BuildContext) -> None:
+    """The served INT8 recipe, and every report-only recipe of the full report."""
+    from .quantize import quantize_int8
+
+    fp32 = ctx.variant_paths["fp32"]
+    for name, q in int8_recipes(ctx.cfg):
+        key = config_hash(ctx.keys["onnx"], q)
+        ctx.keys[f"int8/{q.tag}"] = key
+        d = ctx.cache.run(
             f"int8/{q.tag}",
-            k_q,
+            key,
             lambda d, q=q: quantize_int8(
-                q, fp32_path, d / "model.onnx", tokenizer=tokenizer, calibration_texts=calib, max_length=max_length
+                q,
+                fp32,
+                d / "model.onnx",
+                tokenizer=ctx.tokenizer(),
+                calibration_texts=ctx.data.train.texts,
+                max_length=ctx.max_length,
+                truncation=ctx.truncation,
             ),
+            eta=ctx.eta("int8-static" if q.mode == "static" else "int8-dynamic"),
+            detail=f"INT8 {q.tag}" + (" (served)" if name == "int8" else " (report only)"),
         )
-        variant_paths[name if name == "int8" else q.tag] = dq / "model.onnx"
-
-    compressed_meta: dict[str, dict] = {}
-    if cfg.compress is not None:
-        compressed_meta = _build_compressed(
-            cfg, stages, data, merged_dir, k_merge, parity_texts, tokenizer, max_length, variant_paths, progress
-        )
-
-    # evaluation: cached too (throughput measurement takes minutes)
-    k_eval = config_hash(
-        k_export,
-        k_fp16,
-        [config_hash(k_export, q) for _, q in int8_recipes],
-        cfg.evaluate,
-        cfg.served_variants,
-        cfg.compare_methods,
-        cfg.compress,
-    )
-    report_holder: dict = {}
-
-    def do_eval(d: Path) -> None:
-        from tqdm.auto import tqdm
-
-        n_tp = len(cfg.evaluate.batch_sizes) * cfg.evaluate.repeats if cfg.evaluate.throughput else 0
-        bar = tqdm(total=n_tp * len(variant_paths), desc="throughput", unit="run", disable=not progress or not n_tp)
-        rows, sessions = [], {}
-        ref = None
-        texts, gold = data.test.texts, data.test.labels
-        for name, path in variant_paths.items():
-            _say(f"evaluating {name}")
-            row, logits, sessions[name] = evaluate_variant(
-                name,
-                path,
-                tokenizer,
-                texts,
-                gold,
-                len(data.label_names),
-                max_length,
-                cfg.evaluate,
-                reference_logits=ref,
-            )
-            if name == "fp32":
-                ref = logits
-            row.served = name in cfg.served_variants
-            if name == "int8":
-                row.note = f"served recipe: {cfg.int8.tag}"
-            elif name in compressed_meta:
-                row.note = compressed_meta[name].get("note", "")
-            rows.append(row)
-        if cfg.evaluate.throughput:
-            _say(f"throughput of {len(sessions)} variants, interleaved ({cfg.evaluate.repeats} rounds)")
-            speed = measure_throughput_interleaved(sessions, tokenizer, texts, max_length, cfg.evaluate, bar)
-            for row in rows:
-                row.throughput, row.throughput_runs = speed[row.name]
-        sessions.clear()
-        rows = [row.to_dict() for row in rows]
-        bar.close()
-        methods = compare_methods(cfg, data, trained) if cfg.compare_methods else []
-        report_holder["variants"] = rows
-        report_holder["methods"] = methods
-        (d / "eval.json").write_text(json.dumps({"variants": rows, "methods": methods}, indent=2))
-
-    eval_dir = stages.run("eval", k_eval, do_eval)
-    ev = json.loads((eval_dir / "eval.json").read_text())
-    rows, methods = ev["variants"], ev["methods"]
-
-    report = {
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "build_seconds": 0.0,
-        "reused_stages": stages.reused,
-        "machine": machine_description(),
-        "dataset": data.summary(),
-        "config": config_to_dict(cfg),
-        "train": {
-            "method": cfg.train.method,
-            "epochs_run": len(trained["history"]),
-            "steps": trained["steps"],
-            "best_validation_accuracy": trained["best_validation_accuracy"],
-            "trainable_parameters": trained["trainable_parameters"],
-            "total_parameters": trained["total_parameters"],
-            "epoch_seconds": trained["epoch_seconds"],
-            "history": trained["history"],
-        },
-        "merge": merge_meta,
-        "export": export_meta,
-        "evaluate": config_to_dict(cfg.evaluate),
-        "variants": rows,
-        "methods": methods,
-        "compression": compressed_meta,
-    }
-    report["targets"] = check_targets(report)
-
-    published: dict[str, Path] = {}
-    by_name = {r["name"]: r for r in rows}
-    for variant in cfg.served_variants:
-        name = model_name(variant)
-        vdir = cfg.repository / name / str(cfg.model_version)
-        build_key = config_hash(k_eval, variant)
-        prov_path = vdir / "provenance.json"
-        if not force and prov_path.is_file() and (vdir / "model.onnx").is_file():
-            try:
-                if json.loads(prov_path.read_text()).get("build_key") == build_key:
-                    published[variant] = vdir
-                    stages.reused.append(f"publish/{variant}")
-                    continue
-            except json.JSONDecodeError:
-                pass
-        _say(f"publishing {name} version {cfg.model_version} into {cfg.repository}")
-        published[variant] = publish_variant(
-            variant,
-            variant_paths[variant],
-            merged_dir / "tokenizer",
-            data.label_names,
-            max_length,
-            cfg.repository,
-            cfg.model_version,
-            {
-                "build_key": build_key,
-                "config": config_to_dict(cfg),
-                "data_hash": data.data_hash,
-                "dataset": data.summary(),
-                "metrics": by_name.get(variant),
-                "fp32_metrics": {k: by_name["fp32"][k] for k in ("accuracy", "macro_f1")},
-                "onnx_parity_vs_torch": export_meta["parity_max_abs_logit_diff_vs_torch"],
-                "merge_parity_vs_adapter": merge_meta["max_abs_logit_diff_vs_adapter"],
-            },
-        )
-    if cfg.compress is not None and cfg.compress.publish and "distilled-pruned-int8" in variant_paths:
-        name = "small_int8"
-        vdir = publish_variant(
-            name,
-            variant_paths["distilled-pruned-int8"],
-            merged_dir / "tokenizer",
-            data.label_names,
-            max_length,
-            cfg.repository,
-            cfg.model_version,
-            {
-                "build_key": config_hash(k_eval, name),
-                "config": config_to_dict(cfg),
-                "data_hash": data.data_hash,
-                "metrics": by_name.get("distilled-pruned-int8"),
-                "compression": compressed_meta.get("distilled-pruned"),
-            },
-        )
-        published[name] = vdir
-    report["build_seconds"] = time.perf_counter() - t_start
-    report["reused_stages"] = stages.reused
-    report["stage_seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()}
-    report_dir = cfg.report_dir or (workdir / "report")
-    report_path = write_report(report, report_dir)
-    _say(f"report written to {report_dir}/report.md")
-    return BuildResult(workdir, report_path, published, report, stages.reused)
+        ctx.variant_paths[name] = d / "model.onnx"
 
 
-def _build_compressed(
-    cfg: BuildConfig,
-    stages: _Stages,
-    data: Dataset,
-    merged_dir: Path,
-    k_merge: str,
-    parity_texts: list[str],
-    tokenizer,
-    max_length: int,
-    variant_paths: dict[str, Path],
-    progress: bool,
-) -> dict[str, dict]:
-    """Pruned, distilled, distilled+pruned (each FP32 and INT8) and sparse variants; adds them to ``variant_paths``."""
+def stage_compress(ctx: BuildContext) -> None:
+    """Pruned, distilled, distilled+pruned (each FP32 and INT8) and sparse variants (full report only)."""
     from .compress import distill, magnitude_prune, structured_prune
     from .export import export_onnx
     from .quantize import quantize_int8
 
-    cc = cfg.compress
+    cfg, cc, data = ctx.cfg, ctx.cfg.compress, ctx.data
     assert cc is not None
-    meta: dict[str, dict] = {}
+    meta = ctx.compressed_meta
+    k_merge = ctx.keys["merged"]
+    bars = ctx.progress.bars
 
-    def model_stage(name: str, key: str, make: Callable[[Path], Path]) -> Path:
+    def model_stage(name: str, key: str, make) -> Path:
         def run(d: Path) -> None:
             make(d / "hf")
-            export_onnx(cfg.export, d / "hf", d / "model.onnx", parity_texts)
+            export_onnx(cfg.export, d / "hf", d / "model.onnx", ctx.parity_texts)
 
-        _say(f"compression: {name}")
-        d = stages.run(f"compress/{name}", key, run)
+        d = ctx.cache.run(f"compress/{name}", key, run, eta=(None, "minutes: recovery training"), detail=name)
         m = json.loads((d / "hf" / "merge.json").read_text())
         meta[name] = {k: v for k, v in m.items() if k not in ("labels",)}
-        variant_paths[name] = d / "model.onnx"
+        ctx.variant_paths[name] = d / "model.onnx"
         return d
 
     def int8_stage(name: str, source: Path, key: str) -> None:
-        d = stages.run(
+        d = ctx.cache.run(
             f"compress/{name}",
             config_hash(key, cc.int8),
             lambda d: quantize_int8(
                 cc.int8,
                 source,
                 d / "model.onnx",
-                tokenizer=tokenizer,
+                tokenizer=ctx.tokenizer(),
                 calibration_texts=data.train.texts,
-                max_length=max_length,
+                max_length=ctx.max_length,
+                truncation=ctx.truncation,
             ),
+            eta=ctx.eta("int8-dynamic"),
+            detail=name,
         )
-        variant_paths[name] = d / "model.onnx"
+        ctx.variant_paths[name] = d / "model.onnx"
 
+    merged = ctx.merged_dir
     k_pruned = config_hash(k_merge, cc.prune)
-    pd = model_stage(
-        "pruned", k_pruned, lambda out: structured_prune(cc.prune, merged_dir, data, out, progress=progress)
-    )
-    meta["pruned"]["note"] = (
-        f"FFN neurons kept: {meta['pruned']['intermediate_size'][1]} of "
-        f"{meta['pruned']['intermediate_size'][0]} per layer, "
-        f"{100 * meta['pruned']['removed_fraction']:.0f}% of parameters removed"
+    pd = model_stage("pruned", k_pruned, lambda out: structured_prune(cc.prune, merged, data, out, progress=bars))
+    pm = meta["pruned"]
+    pm["note"] = (
+        f"FFN neurons kept: {pm['intermediate_size'][1]} of {pm['intermediate_size'][0]} per layer, "
+        f"{100 * pm['removed_fraction']:.0f}% of parameters removed"
     )
     int8_stage("pruned-int8", pd / "model.onnx", k_pruned)
     k_dist = config_hash(k_merge, cc.distill)
-    dd = model_stage("distilled", k_dist, lambda out: distill(cc.distill, merged_dir, data, out, progress=progress))
+    dd = model_stage("distilled", k_dist, lambda out: distill(cc.distill, merged, data, out, progress=bars))
     meta["distilled"]["note"] = f"student keeps layers {list(cc.distill.student_layers)} of the teacher"
     int8_stage("distilled-int8", dd / "model.onnx", k_dist)
     k_dp = config_hash(k_dist, cc.prune_student)
     dp = model_stage(
-        "distilled-pruned",
-        k_dp,
-        lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=progress),
+        "distilled-pruned", k_dp, lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=bars)
     )
-    meta["distilled-pruned"]["note"] = (
-        f"distilled student, then FFN {meta['distilled-pruned']['intermediate_size'][1]}/"
-        f"{meta['distilled-pruned']['intermediate_size'][0]} neurons"
-    )
+    dm = meta["distilled-pruned"]
+    dm["note"] = f"distilled student, then FFN {dm['intermediate_size'][1]}/{dm['intermediate_size'][0]} neurons"
     int8_stage("distilled-pruned-int8", dp / "model.onnx", k_dp)
     if cc.magnitude is not None:
         model_stage(
             "sparse",
             config_hash(k_merge, cc.magnitude),
-            lambda out: magnitude_prune(cc.magnitude, merged_dir, data, out, progress=progress),
+            lambda out: magnitude_prune(cc.magnitude, merged, data, out, progress=bars),
         )
         meta["sparse"]["note"] = (
             f"{100 * meta['sparse']['sparsity']:.0f}% of encoder weights are zero; dense kernels gain no speed from it"
         )
-    return meta
+
+
+def stage_evaluate(ctx: BuildContext) -> list[dict]:
+    """Test accuracy, macro-F1, per-class precision/recall and agreement with FP32 of every variant; throughput in
+    interleaved rounds when the config asks for it. Returns the report rows."""
+    cfg = ctx.cfg
+    key = config_hash(
+        [ctx.keys[k] for k in sorted(ctx.keys)],
+        cfg.evaluate,
+        cfg.served_variants,
+        sorted(ctx.variant_paths),
+        ctx.compressed_meta and sorted(ctx.compressed_meta),
+    )
+    ctx.keys["eval"] = key
+    n_tp = len(cfg.evaluate.batch_sizes) * cfg.evaluate.repeats if cfg.evaluate.throughput else 0
+    tp_seconds = n_tp * len(ctx.variant_paths) * cfg.evaluate.seconds_per_repeat
+    n_texts = len(ctx.data.test) * len(ctx.variant_paths)
+    eta = (n_texts / 300.0 * ctx.size_factor() + tp_seconds + 3, "test texts x variants at ~300/s + throughput rounds")
+    detail = f"{len(ctx.variant_paths)} variants on {len(ctx.data.test)} test texts" + (
+        f", throughput {cfg.evaluate.repeats} rounds x {len(cfg.evaluate.batch_sizes)} batch sizes" if n_tp else ""
+    )
+    d = ctx.cache.run("eval", key, lambda d: _evaluate(ctx, d, n_tp), eta=eta, detail=detail)
+    return json.loads((d / "eval.json").read_text())["variants"]
+
+
+def _evaluate(ctx: BuildContext, d: Path, n_tp: int) -> None:
+    from .evaluate import evaluate_variant, measure_throughput_interleaved
+    from .tokens import length_summary, token_lengths
+
+    cfg, data = ctx.cfg, ctx.data
+    tok = ctx.tokenizer()
+    texts, gold = data.test.texts, data.test.labels
+    rows, sessions, ref = [], {}, None
+    for name, path in ctx.variant_paths.items():
+        row, logits, sessions[name] = evaluate_variant(
+            name,
+            path,
+            tok,
+            texts,
+            gold,
+            len(data.label_names),
+            ctx.max_length,
+            cfg.evaluate,
+            reference_logits=ref,
+            label_names=data.label_names,
+            truncation=ctx.truncation,
+        )
+        if name == "fp32":
+            ref = logits
+        row.served = name in cfg.served_variants
+        if name == "int8":
+            row.note = f"served recipe: {cfg.int8.tag}"
+        elif name in ctx.compressed_meta:
+            row.note = ctx.compressed_meta[name].get("note", "")
+        rows.append(row)
+    if n_tp:
+        bar = ctx.progress.bar(range(n_tp * len(sessions)), total=n_tp * len(sessions), desc="throughput", unit="run")
+        speed = measure_throughput_interleaved(
+            sessions, tok, texts, ctx.max_length, cfg.evaluate, bar, truncation=ctx.truncation
+        )
+        bar.close()
+        for row in rows:
+            row.throughput, row.throughput_runs = speed[row.name]
+    test_lengths = length_summary(token_lengths(tok, texts), ctx.max_length)
+    (d / "eval.json").write_text(
+        json.dumps({"variants": [r.to_dict() for r in rows], "test_token_lengths": test_lengths}, indent=2)
+    )
+
+
+def stage_methods(ctx: BuildContext) -> list[dict]:
+    """The fine-tuning method comparison (compare.py) on the build's data and seed (full report only)."""
+    from .compare import CompareConfig, compare_methods
+
+    ccfg = CompareConfig.for_build(ctx.cfg.train)
+    key = config_hash(ctx.cfg.data, ctx.data.data_hash, ccfg)
+    d = ctx.cache.run(
+        "methods",
+        key,
+        lambda d: compare_methods(ccfg, ctx.data, d, progress=ctx.progress),
+        eta=(None, "each method's ETA is measured after its first steps"),
+        detail=f"{len(ccfg.methods)} fine-tuning methods trained to convergence",
+    )
+    return json.loads((d / "methods.json").read_text())["methods"]
+
+
+def assemble_report(ctx: BuildContext, rows: list[dict], methods: list[dict]) -> dict:
+    """The report dict: machine, data, training (early stopping, selection metric, lengths), variants, targets."""
+    from .report import machine_description
+
+    cfg = ctx.cfg
+    trained = json.loads((ctx.cache.path("train") / "train.json").read_text())
+    export_meta = json.loads(ctx.variant_paths["fp32"].with_suffix(".json").read_text())
+    ev = json.loads((ctx.cache.path("eval") / "eval.json").read_text())
+    report = {
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build_seconds": 0.0,
+        "reused_stages": [],
+        "machine": machine_description(),
+        "dataset": ctx.data.summary(),
+        "config": config_to_dict(cfg),
+        "train": {
+            "method": cfg.train.method,
+            "base_model": trained.get("base_model"),
+            "epochs_run": len(trained["history"]),
+            "max_epochs": cfg.train.epochs,
+            "patience": cfg.train.patience,
+            "stopped_early": trained.get("stopped_early", False),
+            "best_epoch": trained.get("best_epoch"),
+            "selection_metric": trained.get("selection_metric", "accuracy"),
+            "best_validation_score": trained.get("best_validation_score"),
+            "steps": trained["steps"],
+            "best_validation_accuracy": trained["best_validation_accuracy"],
+            "trainable_parameters": trained["trainable_parameters"],
+            "total_parameters": trained["total_parameters"],
+            "epoch_seconds": trained["epoch_seconds"],
+            "train_seconds": trained.get("train_seconds"),
+            "seconds_to_best": trained.get("seconds_to_best"),
+            "class_weights": trained.get("class_weights"),
+            "history": trained["history"],
+        },
+        "token_lengths": {"train": trained.get("token_lengths"), "test": ev.get("test_token_lengths")},
+        "merge": ctx.merge_meta,
+        "export": export_meta,
+        "evaluate": config_to_dict(cfg.evaluate),
+        "variants": rows,
+        "methods": methods,
+        "compression": ctx.compressed_meta,
+    }
+    report["targets"] = check_targets(report)
+    return report
+
+
+def stage_publish(ctx: BuildContext, rows: list[dict]) -> dict[str, Path]:
+    """Write each served variant into the model repository (docs/model_repository.md), through the same cache:
+    a stage per variant whose key is the evaluation's, valid while the repository still holds that build."""
+    from .publish import model_name, publish_variant
+
+    cfg = ctx.cfg
+    by_name = {r["name"]: r for r in rows}
+    export_meta = json.loads(ctx.variant_paths["fp32"].with_suffix(".json").read_text())
+    published: dict[str, Path] = {}
+    targets = list(cfg.served_variants)
+    if cfg.compress is not None and cfg.compress.publish and "distilled-pruned-int8" in ctx.variant_paths:
+        targets.append("small_int8")
+    for variant in targets:
+        source = "distilled-pruned-int8" if variant == "small_int8" else variant
+        vdir = cfg.repository / model_name(variant) / str(cfg.model_version)
+        build_key = config_hash(ctx.keys["eval"], variant, str(cfg.repository.resolve()), cfg.model_version)
+
+        def valid(vdir: Path = vdir, build_key: str = build_key) -> bool:
+            try:
+                prov = json.loads((vdir / "provenance.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return prov.get("build_key") == build_key and (vdir / "model.onnx").is_file()
+
+        provenance = {
+            "build_key": build_key,
+            "config": config_to_dict(cfg),
+            "data_hash": ctx.data.data_hash,
+            "dataset": ctx.data.summary(),
+            "metrics": by_name.get(source),
+            "fp32_metrics": {k: by_name["fp32"][k] for k in ("accuracy", "macro_f1")},
+            "onnx_parity_vs_torch": export_meta["parity_max_abs_logit_diff_vs_torch"],
+            "merge_parity_vs_adapter": ctx.merge_meta["max_abs_logit_diff_vs_adapter"],
+            "truncation": ctx.truncation,
+        }
+        if variant == "small_int8":
+            provenance["compression"] = ctx.compressed_meta.get("distilled-pruned")
+
+        def do_publish(_d: Path, variant=variant, source=source, provenance=provenance) -> None:
+            publish_variant(
+                variant,
+                ctx.variant_paths[source],
+                ctx.merged_dir / "tokenizer",
+                ctx.data.label_names,
+                ctx.max_length,
+                cfg.repository,
+                cfg.model_version,
+                provenance,
+                truncation=ctx.truncation,
+            )
+
+        ctx.cache.run(
+            f"publish/{variant}",
+            build_key,
+            do_publish,
+            eta=ctx.eta("publish"),
+            detail=f"{model_name(variant)} version {cfg.model_version} into {cfg.repository}",
+            valid=valid,
+        )
+        published[variant] = vdir
+    return published
 
 
 def check_targets(report: dict) -> list[dict]:
-    """The acceptance targets of the default build, evaluated on this report (PASS/MISS, never hidden)."""
+    """The acceptance targets of the build, evaluated on this report (PASS/MISS, never hidden)."""
     rows = {r["name"]: r for r in report["variants"]}
     out = []
     fp32 = rows.get("fp32")
@@ -441,6 +528,14 @@ def check_targets(report: dict) -> list[dict]:
         }
     )
     if "int8" in rows:
+        acc = rows["int8"]["accuracy"]
+        out.append(
+            {
+                "what": "served INT8 test accuracy >= 0.94 (the figure before early stopping)",
+                "ok": acc >= 0.94,
+                "detail": f"{acc:.4f}",
+            }
+        )
         d = (rows["int8"]["accuracy"] - fp32["accuracy"]) * 100
         out.append({"what": "served INT8 within 0.5 points of FP32", "ok": d >= -0.5, "detail": f"{d:+.2f} points"})
         tp = report["evaluate"]
@@ -451,8 +546,7 @@ def check_targets(report: dict) -> list[dict]:
                 {
                     "what": f"served INT8 >= 1.4x FP32 throughput at batch {b}",
                     "ok": ratio >= 1.4,
-                    "detail": f"{ratio:.2f}x ({rows['int8']['throughput'][b]:.0f} vs "
-                    f"{fp32['throughput'][b]:.0f} seq/s)",
+                    "detail": f"{ratio:.2f}x ({rows['int8']['throughput'][b]:.0f} vs {fp32['throughput'][b]:.0f} seq/s)",
                 }
             )
     if "fp16" in rows:

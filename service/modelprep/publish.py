@@ -24,7 +24,9 @@ def model_name(variant: str) -> str:
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5, check=False
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -39,8 +41,13 @@ def publish_variant(
     repository: Path,
     version: int,
     provenance: dict,
+    *,
+    truncation: str = "head",
 ) -> Path:
     """Write ``<repository>/classifier_<variant>/<version>/`` with the model, its tokenizer, labels and provenance.
+
+    A model trained with head+tail truncation says so in ``labels.json`` (``"truncation": "head_tail"``); the key is
+    absent for the default head truncation, so default builds keep the contract of docs/model_repository.md as is.
 
     Returns:
         The version directory.
@@ -77,12 +84,16 @@ def publish_variant(
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     if not (tmp / "tokenizer.json").is_file():
         raise PrepError(f"{tokenizer_dir} has no tokenizer.json (a fast tokenizer is required)")
-    (tmp / "labels.json").write_text(
-        json.dumps(
-            {"labels": labels, "max_length": max_length, "variant": variant, "model_name": name, "version": version},
-            indent=2,
-        )
-    )
+    label_meta = {
+        "labels": labels,
+        "max_length": max_length,
+        "variant": variant,
+        "model_name": name,
+        "version": version,
+    }
+    if truncation != "head":
+        label_meta["truncation"] = truncation
+    (tmp / "labels.json").write_text(json.dumps(label_meta, indent=2))
     (tmp / "provenance.json").write_text(
         json.dumps(
             {"published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(), **provenance},

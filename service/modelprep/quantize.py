@@ -8,10 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from .config import Fp16Config, QuantizeConfig, config_to_dict
 from .errors import PrepError
+from .tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,7 @@ def _write_meta(output_path: Path, source: Path, extra: dict) -> None:
         "source": str(source),
         "labels": base.get("labels"),
         "max_length": base.get("max_length"),
+        "truncation": base.get("truncation", "head"),
         "data_hash": base.get("data_hash"),
         "export": base.get("config"),
         **extra,
@@ -70,7 +70,13 @@ def _nodes_to_exclude(model_path: Path, cfg: QuantizeConfig) -> list[str]:
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm"):
             continue
-        if cfg.exclude_attention_matmuls and n.op_type == "MatMul" and not any(i in weights for i in n.input) or cfg.exclude_classifier and ("classifier" in n.name or any("classifier" in i for i in n.input)):
+        if (
+            cfg.exclude_attention_matmuls
+            and n.op_type == "MatMul"
+            and not any(i in weights for i in n.input)
+            or cfg.exclude_classifier
+            and ("classifier" in n.name or any("classifier" in i for i in n.input))
+        ):
             out.append(n.name)
     return out
 
@@ -78,30 +84,15 @@ def _nodes_to_exclude(model_path: Path, cfg: QuantizeConfig) -> list[str]:
 class _Calibration:
     """An ONNX Runtime CalibrationDataReader over tokenized training texts."""
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int, batch_size: int = 16) -> None:
-        from tqdm.auto import tqdm
-
-        self._batches = []
-        for s in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[s : s + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np"
-            )
-            self._batches.append(
-                {
-                    "input_ids": enc["input_ids"].astype(np.int64),
-                    "attention_mask": enc["attention_mask"].astype(np.int64),
-                }
-            )
-        self._bar = tqdm(total=len(self._batches), desc="calibration", unit="batch")
+    def __init__(self, tokenizer, texts: list[str], max_length: int, truncation: str, batch_size: int = 16) -> None:
+        self._batches = [
+            encode(tokenizer, texts[s : s + batch_size], max_length, truncation, tensors="np")
+            for s in range(0, len(texts), batch_size)
+        ]
         self._it = iter(self._batches)
 
     def get_next(self):
-        b = next(self._it, None)
-        if b is None:
-            self._bar.close()
-        else:
-            self._bar.update(1)
-        return b
+        return next(self._it, None)
 
     def rewind(self) -> None:
         self._it = iter(self._batches)
@@ -115,6 +106,7 @@ def quantize_int8(
     tokenizer=None,
     calibration_texts: list[str] | None = None,
     max_length: int = 64,
+    truncation: str = "head",
 ) -> Path:
     """Quantize the FP32 ONNX model to INT8 with ONNX Runtime.
 
@@ -135,7 +127,7 @@ def quantize_int8(
         try:
             # symbolic shape inference + ORT's basic optimizations make cleaner, better-quantizing graphs
             quant_pre_process(str(fp32_path), str(pre), auto_merge=True, skip_symbolic_shape=False)
-        except Exception as e:  # pre-processing is an optimization; quantize the raw export if it fails
+        except Exception as e:  # noqa: BLE001 - pre-processing is an optimization; quantize the raw export if it fails
             log.warning("quant_pre_process failed (%s); quantizing the raw export", e)
             shutil.copy(fp32_path, pre)
         exclude = _nodes_to_exclude(pre, cfg)
@@ -166,7 +158,7 @@ def quantize_int8(
             quantize_static(
                 str(pre),
                 str(output_path),
-                _Calibration(tokenizer, texts, max_length),
+                _Calibration(tokenizer, texts, max_length, truncation),
                 quant_format=QuantFormat.QDQ,
                 per_channel=cfg.per_channel,
                 reduce_range=cfg.reduce_range,

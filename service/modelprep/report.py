@@ -14,8 +14,8 @@ def machine_description() -> dict[str, object]:
     for mod in ("torch", "transformers", "peft", "onnx", "onnxruntime"):
         try:
             versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing library is just not listed
-            pass
+        except ImportError:
+            continue  # a missing library is just not listed
     return {**describe_machine(), "gpu": None, "libraries": versions}
 
 
@@ -29,8 +29,10 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Model report: {report['dataset']['name']} ({report['train']['method']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, flags: {m['cpu_flags'] or 'none'}; "
-        f"no GPU. Built {report['built_at']} in {report['build_seconds']:.0f} s.",
+        (
+            f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, flags: {m['cpu_flags'] or 'none'}; "
+            f"no GPU. Built {report['built_at']} in {report['build_seconds']:.0f} s."
+        ),
         f"Data: {report['dataset']['sizes']} (hash {report['dataset']['data_hash']}); test split held out.",
         "",
         "## Variants (test split)",
@@ -75,10 +77,12 @@ def render_markdown(report: dict) -> str:
         ev = report["evaluate"]
         lines += [
             "",
-            f"Throughput: in-process ONNX Runtime (CPU EP, {ev.get('threads') or m['cores']} threads), consecutive test "
-            f"questions padded to their batch's longest, median of {ev['repeats']} rounds; each round times every "
-            f"variant for ≥{ev['seconds_per_repeat']} s one after the other, so a slow spell of the shared VM (absolute "
-            "figures vary by up to ~30% between builds) hits all variants alike and the ratios stay comparable.",
+            (
+                f"Throughput: in-process ONNX Runtime (CPU EP, {ev.get('threads') or m['cores']} threads), consecutive test "
+                f"questions padded to their batch's longest, median of {ev['repeats']} rounds; each round times every "
+                f"variant for ≥{ev['seconds_per_repeat']} s one after the other, so a slow spell of the shared VM (absolute "
+                "figures vary by up to ~30% between builds) hits all variants alike and the ratios stay comparable."
+            ),
         ]
     lines += ["", "## Targets", ""]
     for t in report.get("targets", []):
@@ -87,16 +91,21 @@ def render_markdown(report: dict) -> str:
     if methods:
         lines += [
             "",
-            "## Fine-tuning methods",
+            "## Fine-tuning methods (each trained to convergence, same split and seed)",
             "",
-            "| method | trainable params | trainable % | s/epoch | how measured |",
-            "|---|---|---|---|---|",
+            (
+                "| method | test accuracy | test macro-F1 | trainable params | trainable % | best epoch / run | "
+                "s to best epoch | peak RSS MiB |"
+            ),
+            "|---|---|---|---|---|---|---|---|",
         ]
         for mm in methods:
             lines.append(
-                f"| {mm['method']} | {mm['trainable_parameters']:,} | {100 * mm['trainable_fraction']:.2f}% | "
-                f"{mm['epoch_seconds']:.0f} | {mm['how']} |"
+                f"| {mm['method']} | {mm['test_accuracy']:.4f} | {mm['test_macro_f1']:.4f} | "
+                f"{mm['trainable_parameters']:,} | {100 * mm['trainable_fraction']:.2f}% | "
+                f"{mm['best_epoch']} / {mm['epochs_run']} | {mm['seconds_to_best_epoch']:.0f} | {mm['peak_rss_mib']:.0f} |"
             )
+    lines += _per_class_lines(report)
     st = report.get("stage_seconds") or {}
     if st:
         reused = set(report.get("reused_stages") or [])
@@ -111,19 +120,72 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {k} | {v:.0f} | {'reused' if k in reused else 'built'} |")
         lines.append(f"| **sum** | **{sum(st.values()):.0f}** | |")
     tr = report["train"]
+    metric = str(tr.get("selection_metric", "accuracy")).replace("_", "-")
+    stop = (
+        f"stopped early after epoch {tr['epochs_run']} of at most {tr.get('max_epochs')} (patience {tr.get('patience')})"
+        if tr.get("stopped_early")
+        else f"ran {tr['epochs_run']} of at most {tr.get('max_epochs')} epochs"
+    )
+    weights = " with class-weighted loss (balanced)" if tr.get("class_weights") else ""
     lines += [
         "",
         "## Training of the served model",
         "",
-        f"Method {tr['method']}, {tr['epochs_run']} epoch(s), {tr['steps']} steps, best validation accuracy "
-        f"{tr['best_validation_accuracy']}, merge parity (merged vs adapter, max |Δlogit|) "
-        f"{report['merge']['max_abs_logit_diff_vs_adapter']}, ONNX parity vs torch "
-        f"{report['export']['parity_max_abs_logit_diff_vs_torch']:.3g}.",
-        "",
-        "![variants](report.png)",
-        "",
+        f"Method {tr['method']}{weights}, {stop}, {tr['steps']} steps"
+        + (f", {tr['train_seconds']:.0f} s" if tr.get("train_seconds") else "")
+        + f". Best epoch {tr.get('best_epoch')} selected on validation {metric} "
+        f"({_num(tr.get('best_validation_score'))}; validation accuracy {_num(tr['best_validation_accuracy'])}). "
+        f"Merge parity (merged vs adapter, max |Δlogit|) {report['merge']['max_abs_logit_diff_vs_adapter']}, "
+        f"ONNX parity vs torch {report['export']['parity_max_abs_logit_diff_vs_torch']:.3g}.",
     ]
+    lines += _length_lines(report)
+    lines += ["", "![variants](report.png)", ""]
     return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _length_lines(report: dict) -> list[str]:
+    lengths = report.get("token_lengths") or {}
+    tr, te = lengths.get("train"), lengths.get("test")
+    if not tr:
+        return []
+    out = [
+        "",
+        "## Token lengths and truncation",
+        "",
+        f"max_length {tr['max_length']} ({tr.get('chosen', 'given')}), truncation {tr.get('truncation', 'head')}.",
+        "",
+        "| split | texts | p50 | p90 | p95 | p99 | max | truncated share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in (("train", tr), ("test", te)):
+        if s and s.get("texts"):
+            out.append(
+                f"| {name} | {s['texts']} | {s['p50']} | {s['p90']} | {s['p95']} | {s['p99']} | {s['max']} | "
+                f"{100 * s['truncated_share']:.1f}% |"
+            )
+    return out
+
+
+def _per_class_lines(report: dict) -> list[str]:
+    rows = [r for r in report["variants"] if r.get("per_class") and (r["name"] == "fp32" or r["served"])]
+    if not rows:
+        return []
+    labels = list(rows[0]["per_class"])
+    out = [
+        "",
+        "## Per-class precision / recall (test split)",
+        "",
+        "| class | support | " + " | ".join(f"{r['name']} P / R" for r in rows) + " |",
+        "|---|---|" + "---|" * len(rows),
+    ]
+    for lab in labels:
+        cells = [f"{r['per_class'][lab]['precision']:.3f} / {r['per_class'][lab]['recall']:.3f}" for r in rows]
+        out.append(f"| {lab} | {rows[0]['per_class'][lab]['support']} | " + " | ".join(cells) + " |")
+    return out
 
 
 def render_png(report: dict, path: Path) -> Path:

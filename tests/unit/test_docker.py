@@ -120,6 +120,10 @@ def test_the_gateway_install_line_resolves_without_torch(tmp_path):
     assert "loraserve" in names
     assert REQUIRED_IN_GATEWAY <= names, REQUIRED_IN_GATEWAY - names
     assert not FORBIDDEN_IN_GATEWAY & names, FORBIDDEN_IN_GATEWAY & names
+    # Every distribution the install resolves is pinned by the image's lock (containers/lock.py regenerates it).
+    lock = (REPO_ROOT / "containers" / "constraints-gateway.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in lock if "==" in line}
+    assert names - {"loraserve"} <= pinned, f"unpinned in the image lock: {sorted(names - {'loraserve'} - pinned)}"
 
 
 def test_triton_images_carry_no_model_and_run_as_non_root():

@@ -74,14 +74,11 @@ to the nearest milli-unit, and never "0m" for a positive target (the API server 
 {{- if .Values.gpu.enabled }}{{ ternary "gpu-tensorrt" "gpu" (eq .Values.triton.gpuAccelerator "tensorrt") }}{{ else }}cpu{{ end }}
 {{- end }}
 
-{{/* Exec probe on Triton's loopback-only HTTP port: python in the CPU image, curl in NVIDIA's. */}}
+{{/* Exec probe on Triton's loopback-only HTTP port. python3 is in both images (the CPU image's venv; NVIDIA's
+image for its python backend); a non-2xx answer raises, so the probe fails. */}}
 {{- define "loraserve.tritonProbe" -}}
 {{- $url := printf "http://127.0.0.1:%v%s" .root.Values.triton.httpPort .path }}
-{{- if .root.Values.gpu.enabled }}
-exec: { command: ["curl", "-fsS", "-o", "/dev/null", "-m", "2", {{ $url | quote }}] }
-{{- else }}
-exec: { command: ["python", "-c", "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)", {{ $url | quote }}] }
-{{- end }}
+exec: { command: ["python3", "-c", "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)", {{ $url | quote }}] }
 {{- end }}
 
 {{/* Cross-field checks the schema cannot express; each failure names the values to fix. */}}

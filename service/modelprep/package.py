@@ -274,13 +274,21 @@ def install(source: str, dest: Path, *, sha256: str | None = None, configs: Path
         The manifest.
 
     Raises:
-        PackageError: If anything cannot be fetched or does not verify; ``dest`` is then left without a manifest.
+        PackageError: If anything cannot be fetched or does not verify; ``dest`` is then left empty.
     """
     dest = Path(dest)
     is_url = urllib.parse.urlparse(source).scheme in ("http", "https")
     if is_url and not sha256:
         raise PackageError("a URL source needs --sha256: a download is trusted only by its checksum")
-    with tempfile.TemporaryDirectory(prefix="loraserve-fetch-") as tmp:
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in dest.iterdir():  # a restarted init container replaces what an earlier attempt left
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    # Download and extract inside the model volume itself (sized for models), not in a small /tmp; moving the
+    # verified files into place is then a rename on the same filesystem.
+    with tempfile.TemporaryDirectory(prefix=".install-", dir=dest) as tmp:
         staging = Path(tmp) / "repository"
         if is_url:
             archive = download(source, Path(tmp) / "models.tar.gz")
@@ -306,12 +314,6 @@ def install(source: str, dest: Path, *, sha256: str | None = None, configs: Path
                 text = path.read_text()
                 _validate_config(text, f"{model}.pbtxt")
                 (staging / model / CONFIG_FILE).write_text(text)
-        dest.mkdir(parents=True, exist_ok=True)
-        for entry in dest.iterdir():  # a restarted init container replaces what an earlier attempt left
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
         for entry in staging.iterdir():  # the manifest last: its presence marks a complete installation
             if entry.name != MANIFEST_NAME:
                 shutil.move(str(entry), str(dest / entry.name))

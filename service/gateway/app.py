@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
+from service.gateway.api import generate as generate_api  # issue 17: POST /v1/generate
 from service.gateway.api import health, rest_v1, rest_v2
 from service.gateway.api.auth import ApiKeyMiddleware
 from service.gateway.api.http_errors import add_exception_handlers, error_response, internal_error_response
@@ -33,7 +34,12 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 #: Route template -> ``operation`` label, from every HTTP transport's table.
-ROUTE_OPERATIONS: dict[str, str] = {**rest_v1.OPERATIONS, **health.OPERATIONS, **rest_v2.OPERATIONS}
+ROUTE_OPERATIONS: dict[str, str] = {
+    **rest_v1.OPERATIONS,
+    **health.OPERATIONS,
+    **rest_v2.OPERATIONS,
+    **generate_api.OPERATIONS,
+}
 
 
 def route_labels(template: str | None) -> tuple[str, str]:
@@ -179,10 +185,17 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
     metrics = GatewayMetrics(version=__version__, git_sha=settings.build_git_sha)
     runtime = GatewayRuntime(settings, backend, metrics)
     dataplane = DataPlane(runtime)
+    # -- generation (issue 17): off unless GATEWAY_GENERATE__ENABLED=1 --
+    generation = generate_api.GenerationService(settings, generate_api.GenerationSettings(), metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
+        try:
+            await generation.start()  # issue 17
+        except BaseException:
+            await runtime.stop()
+            raise
         grpc_server = None
         if serve_grpc and settings.grpc_port >= 0:
             from service.gateway.api.grpc_v2 import GrpcServer
@@ -201,6 +214,7 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
             runtime.draining = True
             if grpc_server is not None:
                 await grpc_server.stop(settings.drain_timeout_seconds)
+            await generation.stop()  # issue 17
             await runtime.stop()
 
     app = FastAPI(
@@ -215,10 +229,12 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
     app.state.dataplane = dataplane
     app.state.settings = settings
     app.state.grpc_port = None
+    app.state.generation = generation  # issue 17
     add_exception_handlers(app)
     app.include_router(rest_v1.router)
     app.include_router(health.router)
     app.include_router(rest_v2.router)
+    app.include_router(generate_api.router)  # issue 17
     if settings.api_keys:
         # Inside the request-context middleware, so refusals still get a request id and are counted.
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)

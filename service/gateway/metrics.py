@@ -275,3 +275,141 @@ class GatewayMetrics:
     def render(self) -> tuple[bytes, str]:
         """Return the text exposition of every metric and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- generation (issue 17, GEN agent): the series of POST /v1/generate (service/gateway/api/generate.py) -----------
+# Request counts and latency stay in gateway_requests_total / gateway_request_duration_seconds with
+# operation="generate"; these add what only streaming generation has. The variant label is a served generator
+# variant (bounded).
+
+#: Time to first token (seconds): arrival to the first generated token, prefill and queueing included.
+TIME_TO_FIRST_TOKEN_BUCKETS_SECONDS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+)
+#: Inter-token latency (seconds): one decode iteration of the running batch, as a client sees it.
+INTER_TOKEN_LATENCY_BUCKETS_SECONDS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
+#: Decode speed of one generation (tokens per second after its first token).
+TOKENS_PER_SECOND_BUCKETS = (
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    50.0,
+    75.0,
+    100.0,
+    150.0,
+    200.0,
+    300.0,
+    500.0,
+    1000.0,
+)
+#: Why a sequence's KV cache was freed before the model finished it.
+EVICTION_REASONS = ("client_disconnect", "deadline", "stop_string", "shutdown")
+
+
+class GenerationMetrics:
+    """The generation series, registered on the gateway's registry.
+
+    Args:
+        registry: The application's registry (``GatewayMetrics.registry``).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.time_to_first_token_seconds = Histogram(
+            "gateway_generate_time_to_first_token_seconds",
+            "Arrival of a generation request to its first generated token.",
+            ["variant"],
+            buckets=TIME_TO_FIRST_TOKEN_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.inter_token_latency_seconds = Histogram(
+            "gateway_generate_inter_token_latency_seconds",
+            "Time between consecutive tokens of one generation.",
+            ["variant"],
+            buckets=INTER_TOKEN_LATENCY_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "gateway_generate_tokens_per_second",
+            "Decode speed of each finished generation: tokens after the first per second.",
+            ["variant"],
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=r,
+        )
+        self.tokens_total = Counter(
+            "gateway_generate_tokens",
+            "Tokens processed, by kind (prompt or completion).",
+            ["variant", "kind"],
+            registry=r,
+        )
+        self.kv_cache_bytes = Gauge(
+            "gateway_generate_kv_cache_bytes",
+            "KV-cache bytes in use in the model, as last reported.",
+            ["variant"],
+            registry=r,
+        )
+        self.kv_cache_budget_bytes = Gauge(
+            "gateway_generate_kv_cache_budget_bytes",
+            "The model's KV-cache budget (max_kv_cache_bytes).",
+            ["variant"],
+            registry=r,
+        )
+        self.active_sequences = Gauge(
+            "gateway_generate_active_sequences",
+            "Sequences holding a KV cache in the model, as last reported.",
+            ["variant"],
+            registry=r,
+        )
+        self.evictions_total = Counter(
+            "gateway_generate_kv_cache_evictions",
+            "Sequences whose KV cache the gateway had freed before they finished, by reason.",
+            ["variant", "reason"],
+            registry=r,
+        )
+
+    def init_variant(self, variant: str, budget_bytes: int) -> None:
+        """Create the variant's series at zero before traffic."""
+        self.time_to_first_token_seconds.labels(variant=variant)
+        self.inter_token_latency_seconds.labels(variant=variant)
+        self.tokens_per_second.labels(variant=variant)
+        for kind in ("prompt", "completion"):
+            self.tokens_total.labels(variant=variant, kind=kind)
+        self.kv_cache_bytes.labels(variant=variant).set(0)
+        self.kv_cache_budget_bytes.labels(variant=variant).set(budget_bytes)
+        self.active_sequences.labels(variant=variant).set(0)
+        for reason in EVICTION_REASONS:
+            self.evictions_total.labels(variant=variant, reason=reason)

@@ -215,6 +215,7 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
             if grpc_server is not None:
                 await grpc_server.stop(settings.drain_timeout_seconds)
             await generation.stop()  # issue 17
+            await dataplane.aclose()
             await runtime.stop()
 
     app = FastAPI(

@@ -20,6 +20,8 @@ Where a request goes, by file::
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -39,8 +41,12 @@ from service.gateway.errors import (
 from service.gateway.model import Prediction
 from service.gateway.runtime import GatewayRuntime, ServedVariant
 
+logger = logging.getLogger("service.gateway.dataplane")
+
 #: The server name the v2 protocols report.
 SERVER_NAME = "loraserve-gateway"
+#: Deadline of a shadow comparison: it only runs on an idle backend, so it is quick or abandoned.
+SHADOW_DEADLINE_SECONDS = 5.0
 
 
 @dataclass
@@ -111,6 +117,7 @@ class VariantInfo:
     labels: tuple[str, ...]
     max_length: int
     server_max_batch_size: int | None
+    service_time: dict[str, float | int | bool | None]
 
 
 class DataPlane:
@@ -120,9 +127,12 @@ class DataPlane:
         runtime: The gateway runtime (settings, served variants, backend, drain state).
     """
 
-    def __init__(self, runtime: GatewayRuntime) -> None:
+    def __init__(self, runtime: GatewayRuntime, *, rng: random.Random | None = None) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
+        self._shadow_pair = runtime.settings.shadow_pair()
+        self._rng = rng or random.Random()
+        self._shadow_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ validation
 
@@ -267,6 +277,7 @@ class DataPlane:
                 info.variant = served.model.model.variant
             if deadline <= time.monotonic():
                 raise DeadlineExceeded("deadline passed before the request was queued")
+            served.batcher.precheck(deadline, len(texts))  # refuse an overload before tokenizing
             rows = await served.model.prepare(texts)
             futures = served.batcher.submit(rows, [len(r) for r in rows], deadline)
         except BaseException:
@@ -276,7 +287,7 @@ class DataPlane:
         answers = await _wait_all(futures, deadline, disconnected)
         m = served.model.model
         predictions: list[Prediction] = [a.value for a in answers]
-        return Classified(
+        done = Classified(
             variant=m.variant,
             model=m.model_name,
             model_version=predictions[0].model_version,
@@ -285,6 +296,54 @@ class DataPlane:
             queue_seconds=max(a.queue_seconds for a in answers),
             inference_seconds=max(a.inference_seconds for a in answers),
         )
+        self._maybe_shadow(texts, done)
+        return done
+
+    # ------------------------------------------------------------------ shadow agreement
+
+    def _maybe_shadow(self, texts: Sequence[str], done: Classified) -> None:
+        """Also classify a sample of the primary variant's texts with the shadow variant, on idle capacity only."""
+        pair = self._shadow_pair
+        if pair is None or done.variant != pair[0] or self.runtime.draining:
+            return
+        if self._shadow_task is not None and not self._shadow_task.done():
+            return  # one comparison at a time: shadow work never piles up
+        if self._rng.random() >= self.settings.shadow.fraction:
+            return
+        primary, shadow = (self.runtime.served[v].batcher for v in pair)
+        if primary.queue_depth or shadow.queue_depth or shadow.inflight:
+            return  # not idle: real requests come first
+        self._shadow_task = asyncio.create_task(self._shadow(list(texts), done), name="shadow-agreement")
+
+    async def _shadow(self, texts: list[str], done: Classified) -> None:
+        primary, shadow = self._shadow_pair or ("", "")
+        served = self.runtime.served[shadow]
+        metrics = self.runtime.metrics
+        try:
+            rows = await served.model.prepare(texts)
+            futures = served.batcher.submit(rows, [len(r) for r in rows], time.monotonic() + SHADOW_DEADLINE_SECONDS)
+            answers = await _wait_all(futures, time.monotonic() + SHADOW_DEADLINE_SECONDS, None)
+        except Exception as exc:  # noqa: BLE001 - a shadow comparison that fails is skipped, never reported to clients
+            logger.debug("shadow comparison skipped: %s", exc)
+            return
+        shadow_labels = served.model.model.labels
+        if tuple(shadow_labels) != tuple(done.labels):
+            logger.warning("shadow variant %s has other labels than %s: not comparable", shadow, primary)
+            return
+        reference = np.stack([a.value.probabilities for a in answers])
+        agree = int((reference.argmax(axis=1) == done.probabilities.argmax(axis=1)).sum())
+        metrics.shadow_comparisons_total.labels(primary=primary, shadow=shadow).inc(len(texts))
+        metrics.shadow_agreements_total.labels(primary=primary, shadow=shadow).inc(agree)
+        hist = metrics.shadow_probability_difference.labels(primary=primary, shadow=shadow)
+        for diff in np.abs(reference - done.probabilities).max(axis=1):
+            hist.observe(float(diff))
+
+    async def aclose(self) -> None:
+        """Cancel a shadow comparison still running (shutdown)."""
+        task, self._shadow_task = self._shadow_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     # ------------------------------------------------------------------ description and health
 
@@ -325,9 +384,22 @@ class DataPlane:
                 labels=m.labels,
                 max_length=m.max_length,
                 server_max_batch_size=rt.server_max_batch_sizes.get(m.model_name),
+                service_time=self._service_time(v),
             )
             for v, m in rt.models.items()
         ]
+
+    def _service_time(self, variant: str) -> dict[str, float | int | bool | None]:
+        batcher = self.runtime.served[variant].batcher
+        snap = batcher.service_time.snapshot()
+        return {
+            "intercept_seconds": snap.intercept_seconds,
+            "per_token_seconds": snap.per_token_seconds,
+            "samples": snap.samples,
+            "ready": snap.ready,
+            "predicted_drain_seconds": batcher.predicted_drain_seconds(),
+            "slo_seconds": batcher.admission.slo_seconds,
+        }
 
     @staticmethod
     def server_metadata() -> tuple[str, str]:

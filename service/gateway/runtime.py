@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.gateway.backend.base import InferenceBackend
-from service.gateway.batching.batcher import DynamicBatcher
+from service.gateway.batching.batcher import AdmissionPolicy, DynamicBatcher
 from service.gateway.batching.policy import BatchLimits
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.model import ClassifierModel, Prediction
@@ -134,8 +134,17 @@ class GatewayRuntime:
                 retry_after_seconds=s.retry_after_seconds,
                 metrics=self.metrics,
                 flush_when_idle=s.batch.flush_when_idle,
+                admission=AdmissionPolicy(
+                    slo_seconds=s.slo_seconds(variant),
+                    slo_fraction=s.slo_admission_fraction,
+                    retry_on_unavailable=s.retry_on_unavailable,
+                ),
+                ready=self.backend.ready,
             )
             self.served[variant] = ServedVariant(model=adapter, batcher=batcher)
+        pair = s.shadow_pair()
+        if pair is not None:
+            self.metrics.init_shadow(*pair)
         for sv in self.served.values():
             await sv.batcher.start()
         self.sampler.start()

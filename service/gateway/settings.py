@@ -37,8 +37,9 @@ class BatchSettings(BaseModel):
     backend gains nothing from the wait, so a lone request pays no batching delay; under load batches are in
     flight and the wait gathers companions as usual."""
 
-    max_queue_size: int = Field(512, ge=1, le=1_000_000)
-    """Most texts waiting per variant; beyond it requests are refused with 429 and Retry-After."""
+    max_queue_size: int = Field(4096, ge=1, le=1_000_000)
+    """Most texts waiting per variant: a memory guard only (admission is by predicted completion, see
+    ``slo_p99_seconds``); beyond it requests are refused with 429 and Retry-After."""
 
     max_inflight_batches: int = Field(2, ge=1, le=64)
     """Most batches of one variant sent to the backend and not yet answered (the next one forms meanwhile)."""
@@ -71,6 +72,24 @@ class BatchSettings(BaseModel):
         if any(e < 1 for e in value) or list(value) != sorted(set(value)):
             raise ValueError(f"length_bucket_edges must be strictly increasing positive integers, got {value!r}")
         return value
+
+
+class ShadowSettings(BaseModel):
+    """Shadow agreement: a sample of the primary variant's texts is also classified by the shadow variant, only when
+    both are idle, and the agreement is exported (gateway_shadow_*); the way to catch a bad quantized model in
+    production."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of the primary variant's requests also sent to the shadow (0 turns it off). A sampled request is
+    only shadowed when neither variant has work queued or in flight, so real requests are never delayed."""
+
+    primary: str = "int8"
+    """The variant whose answers are checked (usually the quantized one)."""
+
+    shadow: str = "fp16"
+    """The reference variant it is compared with."""
 
 
 class TritonSettings(BaseModel):
@@ -168,7 +187,23 @@ class Settings(BaseSettings):
     """Server-side deadline of a request when the client sends none; a client deadline can only shorten it."""
 
     retry_after_seconds: int = Field(1, ge=0, le=3600)
-    """Value of the Retry-After header on 429 responses."""
+    """Smallest Retry-After of a 429; the value sent is the predicted drain time, clamped to 1-10 s."""
+
+    slo_p99_seconds: float = Field(0.2, ge=0.0, le=600.0)
+    """Latency target of admitted requests (the reference text's rule: P99 <= 200 ms). A request is admitted only
+    if its predicted completion fits both its deadline and ``slo_admission_fraction`` of this target; otherwise 429
+    at once. 0 admits by deadline only."""
+
+    slo_p99_seconds_by_variant: dict[str, float] = Field(default_factory=dict)
+    """Per-variant overrides of ``slo_p99_seconds`` as JSON, e.g. ``{"fp16": 0.5}``."""
+
+    slo_admission_fraction: float = Field(0.8, gt=0.0, le=1.0)
+    """Share of the SLO the predicted queue-plus-batch time may use; the rest covers HTTP, tokenization and
+    prediction error."""
+
+    retry_on_unavailable: bool = True
+    """When a batch fails because Triton is unavailable (restarting), wait for it (bounded by the batch's
+    deadlines) and retry the batch once; 503 only when the deadline does not allow waiting."""
 
     drain_grace_seconds: float = Field(1.0, ge=0.0, le=600.0)
     """After SIGTERM, how long /readyz reports not ready (and new requests get 503) before the listener closes,
@@ -197,6 +232,9 @@ class Settings(BaseSettings):
 
     triton: TritonSettings = Field(default_factory=TritonSettings)
     """Triton connection and model repository (GATEWAY_TRITON__*)."""
+
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    """Shadow agreement between two variants (GATEWAY_SHADOW__*)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -245,9 +283,30 @@ class Settings(BaseSettings):
                 f"max_client_batch_size ({self.max_client_batch_size}) > batch.max_queue_size "
                 f"({self.batch.max_queue_size}): such a request could never be admitted"
             )
+        unknown = sorted(set(self.slo_p99_seconds_by_variant) - set(self.variants))
+        if unknown:
+            raise ValueError(f"slo_p99_seconds_by_variant names variants that are not served: {unknown}")
+        if any(not 0 < v <= 600 for v in self.slo_p99_seconds_by_variant.values()):
+            raise ValueError(
+                f"slo_p99_seconds_by_variant values must be in (0, 600], got {self.slo_p99_seconds_by_variant}"
+            )
         if self.grpc_port > 0 and self.grpc_port == self.port:
             raise ValueError(f"grpc_port ({self.grpc_port}) equals port ({self.port}); they need different ports")
         return self
+
+    def slo_seconds(self, variant: str) -> float | None:
+        """The latency target of ``variant`` (its override, else ``slo_p99_seconds``)."""
+        value = self.slo_p99_seconds_by_variant.get(variant, self.slo_p99_seconds)
+        return value or None
+
+    def shadow_pair(self) -> tuple[str, str] | None:
+        """``(primary, shadow)`` when shadow agreement is on and both variants are served, else None."""
+        sh = self.shadow
+        if sh.fraction <= 0 or sh.primary == sh.shadow:
+            return None
+        if sh.primary not in self.variants or sh.shadow not in self.variants:
+            return None
+        return sh.primary, sh.shadow
 
     def model_name(self, variant: str) -> str:
         """Return the Triton model name serving ``variant``.

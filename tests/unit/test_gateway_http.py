@@ -323,6 +323,8 @@ async def test_metrics_follow_the_naming_rules(repo):
             assert set(s.labels) <= {
                 "operation",
                 "protocol",
+                "primary",
+                "shadow",
                 "code",
                 "variant",
                 "model",

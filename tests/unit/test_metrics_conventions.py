@@ -44,6 +44,13 @@ EXPECTED = {
     "gateway_inflight_batches": ("gauge", {"variant"}),
     "gateway_requests_rejected": ("counter", {"reason"}),
     "gateway_build_info": ("gauge", {"version", "git_sha"}),
+    "gateway_service_time_intercept_seconds": ("gauge", {"variant"}),
+    "gateway_service_time_per_token_seconds": ("gauge", {"variant"}),
+    "gateway_predicted_drain_seconds": ("gauge", {"variant"}),
+    "gateway_backend_retries": ("counter", {"variant"}),
+    "gateway_shadow_comparisons": ("counter", {"primary", "shadow"}),
+    "gateway_shadow_agreements": ("counter", {"primary", "shadow"}),
+    "gateway_shadow_probability_difference": ("histogram", {"primary", "shadow"}),
     "gateway_process_cpu_utilization_ratio": ("gauge", set()),
     "gateway_host_cpu_utilization_ratio": ("gauge", set()),
 }

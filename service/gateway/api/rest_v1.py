@@ -15,6 +15,7 @@ from service.gateway.api.schemas import (
     ErrorResponse,
     ModelInfo,
     ModelsResponse,
+    ServiceTimeInfo,
 )
 
 router = APIRouter()
@@ -110,6 +111,7 @@ async def list_models(request: Request) -> ModelsResponse:
                 labels=list(v.labels),
                 max_length=v.max_length,
                 server_max_batch_size=v.server_max_batch_size,
+                service_time=ServiceTimeInfo(**v.service_time),
             )
             for v in dataplane.variants()
         ],

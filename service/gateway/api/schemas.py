@@ -64,6 +64,17 @@ class ClassifyResponse(BaseModel):
     results: list[ClassResult]
 
 
+class ServiceTimeInfo(BaseModel):
+    """The variant's learned service-time model and what admission does with it."""
+
+    intercept_seconds: float = Field(description="Fixed cost of one batch.")
+    per_token_seconds: float = Field(description="Cost of one padded token (batch rows x padded length).")
+    samples: int = Field(description="Batches observed so far.")
+    ready: bool = Field(description="Whether predictions are used for admission (after a few batches).")
+    predicted_drain_seconds: float = Field(description="Predicted time to finish the in-flight and queued work.")
+    slo_seconds: float | None = Field(description="The variant's latency target; null admits by deadline only.")
+
+
 class ModelInfo(BaseModel):
     """One served variant."""
 
@@ -73,6 +84,7 @@ class ModelInfo(BaseModel):
     labels: list[str]
     max_length: int = Field(description="Truncation length in tokens.")
     server_max_batch_size: int | None = Field(description="Triton's max_batch_size for the model.")
+    service_time: ServiceTimeInfo | None = Field(None, description="The admission model of the variant.")
 
 
 class ModelsResponse(BaseModel):

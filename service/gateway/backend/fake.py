@@ -65,6 +65,8 @@ class FakeBackend:
         row_delta: Added to the number of returned rows (non-zero simulates a broken server).
         is_ready: What ``ready()`` answers.
         server_max_batch_size: What ``max_batch_size()`` answers.
+        rolled_models: Models whose logit columns are rotated by one (a deliberately wrong model, e.g. for the
+            shadow-agreement tests: its top label always differs from the others').
     """
 
     def __init__(
@@ -76,8 +78,10 @@ class FakeBackend:
         row_delta: int = 0,
         is_ready: bool = True,
         server_max_batch_size: int | None = 64,
+        rolled_models: Sequence[str] = (),
     ) -> None:
         self.num_labels = num_labels
+        self.rolled_models = frozenset(rolled_models)
         self.latency_seconds = latency_seconds
         self.fail_with = fail_with
         self.row_delta = row_delta
@@ -129,6 +133,8 @@ class FakeBackend:
         if self.fail_with is not None:
             raise self.fail_with
         logits = fake_logits(input_ids, attention_mask, self.num_labels)
+        if model in self.rolled_models:
+            logits = np.roll(logits, 1, axis=1)
         rows = max(0, logits.shape[0] + self.row_delta)
         if rows > logits.shape[0]:
             logits = np.concatenate([logits, np.zeros((rows - logits.shape[0], self.num_labels), np.float32)])

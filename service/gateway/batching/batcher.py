@@ -9,6 +9,16 @@ One background task per variant forms batches; each batch then runs as its own t
 the same reason). A slot is acquired *before* a batch is taken: while every slot is busy, entries keep
 accumulating and the next batch is as large as the limits allow, the way Triton's batcher waits for a free model
 instance. Only the loop task removes entries from the queue, dead ones included.
+
+Admission is by predicted completion (docs/reliability.md): a per-variant service-time model learned from the
+batches themselves (:mod:`service.gateway.batching.service_time`) predicts when a new request would be answered —
+the work still in flight, the queue ahead of it, its own batch — and the request is admitted only if that fits its
+deadline and, while the backend is healthy, the SLO target. Otherwise it is refused at once with 429 and a
+Retry-After derived from the predicted drain time. The count bound (``max_queue_size``) remains as a memory guard.
+
+Across a backend restart, a batch whose call fails as unavailable waits (bounded by its deadlines) for the backend
+to be ready and is retried once; meanwhile admission checks deadlines only, since no SLO can be met during an
+outage and a client whose deadline allows waiting is better served late than refused.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +34,8 @@ from typing import Any, Generic, TypeVar
 
 from service.gateway.batching.policy import BatchLimits, flush_delay, take_batch
 from service.gateway.batching.queue import Entry, RequestQueue
-from service.gateway.errors import BackendUnavailable, DeadlineExceeded, Internal, ServiceError
+from service.gateway.batching.service_time import ServiceTimeModel
+from service.gateway.errors import BackendUnavailable, DeadlineExceeded, Internal, Overloaded, ServiceError
 from service.gateway.metrics import GatewayMetrics
 
 logger = logging.getLogger("service.gateway.batching")
@@ -32,6 +44,28 @@ R = TypeVar("R")
 
 #: The work of one batch: the entries' items in, one result per item out (same order), within ``timeout_seconds``.
 ProcessFn = Callable[[list[Any], float], Awaitable[Sequence[R]]]
+#: Whether the backend can take work now (used only while waiting out an outage).
+ReadyFn = Callable[[], Awaitable[bool]]
+#: How often a batch waiting out a backend outage re-checks readiness (a bounded wait, never past its deadlines).
+READY_RETRY_SECONDS = 0.1
+#: Bounds of the Retry-After header of a refusal (seconds).
+RETRY_AFTER_BOUNDS = (1, 10)
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """How requests are admitted.
+
+    Attributes:
+        slo_seconds: Latency target of an admitted request (None: deadlines only).
+        slo_fraction: Share of the SLO the predicted completion may use (the rest covers what happens outside the
+            batch: HTTP, tokenization, encoding, and prediction error).
+        retry_on_unavailable: Wait for the backend and retry a batch once when its call fails as unavailable.
+    """
+
+    slo_seconds: float | None = 0.2
+    slo_fraction: float = 0.8
+    retry_on_unavailable: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,8 @@ class DynamicBatcher(Generic[R]):
         retry_after_seconds: Retry-After of queue-full rejections.
         metrics: Metric objects.
         flush_when_idle: Send at once when no batch is in flight (no wait for companions on an idle backend).
+        admission: The admission policy (SLO target, retry across outages).
+        ready: Whether the backend is ready (needed to wait out an outage; None: no retry).
     """
 
     def __init__(
@@ -76,6 +112,8 @@ class DynamicBatcher(Generic[R]):
         retry_after_seconds: int,
         metrics: GatewayMetrics,
         flush_when_idle: bool = False,
+        admission: AdmissionPolicy | None = None,
+        ready: ReadyFn | None = None,
     ) -> None:
         if max_inflight_batches < 1:
             raise ValueError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
@@ -101,6 +139,18 @@ class DynamicBatcher(Generic[R]):
         self._queue_wait = metrics.queue_wait_seconds.labels(variant=name)
         self._batch_size = metrics.batch_size.labels(variant=name)
         self._inflight = metrics.inflight_batches.labels(variant=name)
+        self.admission = admission or AdmissionPolicy(slo_seconds=None)
+        self._ready = ready
+        self.service_time = ServiceTimeModel()
+        #: In-flight batches: task -> (start time, predicted seconds).
+        self._running: dict[asyncio.Task[None], tuple[float, float]] = {}
+        self._outage = False
+        self._last_done = 0.0
+        self._retry_after_base = retry_after_seconds
+        self._metric_intercept = metrics.service_time_intercept_seconds.labels(variant=name)
+        self._metric_per_token = metrics.service_time_per_token_seconds.labels(variant=name)
+        self._metric_drain = metrics.predicted_drain_seconds.labels(variant=name)
+        self._metric_retries = metrics.backend_retries_total.labels(variant=name)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -184,6 +234,7 @@ class DynamicBatcher(Generic[R]):
             raise ValueError(f"{len(items)} items but {len(lengths)} lengths")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        self._admit(lengths, deadline, now)
         entries = [
             Entry(item=item, length=length, future=loop.create_future(), enqueued_at=now, deadline=deadline)
             for item, length in zip(items, lengths, strict=True)
@@ -194,6 +245,80 @@ class DynamicBatcher(Generic[R]):
             self._metrics.requests_rejected_total.labels(reason="queue_full").inc(len(entries))
             raise
         return [e.future for e in entries]
+
+    # ---------------------------------------------------------------- predictions
+
+    def predicted_drain_seconds(self, now: float | None = None) -> float:
+        """Predicted time until the work in flight and in the queue is done (0 before the model is trained)."""
+        now = time.monotonic() if now is None else now
+        if not self.service_time.ready:
+            return 0.0
+        return self._inflight_left(now) + self._predict_queue(len(self._queue), self._queue.tokens)
+
+    def _inflight_left(self, now: float) -> float:
+        # The backend works through the variant's in-flight batches one after the other, busy since the oldest
+        # was sent.
+        if not self._running:
+            return 0.0
+        oldest = min(started for started, _ in self._running.values())
+        return max(0.0, sum(predicted for _, predicted in self._running.values()) - (now - oldest))
+
+    def _predict_queue(self, rows: int, tokens: int) -> float:
+        if rows <= 0:
+            return 0.0
+        batches = max(math.ceil(rows / self.limits.max_batch_size), math.ceil(tokens / self.limits.max_batch_tokens))
+        return self.service_time.predict_tokens(batches, tokens)
+
+    def predicted_completion_seconds(self, lengths: Sequence[int], now: float | None = None) -> float:
+        """Predicted time from now until a new request of texts of ``lengths`` tokens would be answered."""
+        now = time.monotonic() if now is None else now
+        rows, tokens = len(self._queue) + len(lengths), self._queue.tokens + sum(lengths)
+        return self._inflight_left(now) + self._predict_queue(rows, tokens)
+
+    def precheck(self, deadline: float, texts: int = 1) -> None:
+        """Refuse (429) at once when the work already ahead misses the budget, before the request costs anything.
+
+        The data plane calls it before tokenizing, so under overload a refused request is cheap; :meth:`submit`
+        checks again with the request's own exact size.
+
+        Raises:
+            Overloaded: The predicted drain time alone exceeds the deadline or the SLO budget.
+            BackendUnavailable: The batcher is not running.
+        """
+        if not self.running:
+            raise BackendUnavailable(f"variant {self.name} is not accepting requests (draining or stopped)")
+        if self.service_time.ready:
+            now = time.monotonic()
+            self._check(self.predicted_drain_seconds(now), deadline, now, texts=texts)
+
+    def _budget(self, deadline: float, now: float) -> float:
+        budget = deadline - now
+        slo = self.admission.slo_seconds
+        # During an outage no SLO can be met; deadlines still bound the wait (and the count bound the memory).
+        if slo is not None and not self._outage:
+            budget = min(budget, slo * self.admission.slo_fraction)
+        return budget
+
+    def _admit(self, lengths: Sequence[int], deadline: float, now: float) -> None:
+        """Refuse (429) a request whose predicted completion misses its deadline or the SLO target."""
+        if not self.service_time.ready or not lengths:
+            return
+        self._check(self.predicted_completion_seconds(lengths, now), deadline, now, texts=len(lengths))
+
+    def _check(self, predicted: float, deadline: float, now: float, *, texts: int) -> None:
+        budget = self._budget(deadline, now)
+        if predicted <= budget:
+            return
+        drain = self.predicted_drain_seconds(now)
+        self._metric_drain.set(drain)
+        low, high = RETRY_AFTER_BOUNDS
+        retry_after = min(high, max(low, self._retry_after_base, math.ceil(drain)))
+        self._metrics.requests_rejected_total.labels(reason="predicted_late").inc(texts)
+        raise Overloaded(
+            f"variant {self.name} cannot answer in time: predicted {predicted * 1000:.0f} ms, "
+            f"budget {max(0.0, budget) * 1000:.0f} ms; retry later",
+            retry_after_seconds=retry_after,
+        )
 
     # ---------------------------------------------------------------- the loop
 
@@ -218,7 +343,8 @@ class DynamicBatcher(Generic[R]):
                 return
             await self._slots.acquire()
             now = time.monotonic()
-            plan = take_batch(self._queue.snapshot(), self._current_limits(), now)
+            predict = self.service_time.predict if self.service_time.ready else None
+            plan = take_batch(self._queue.snapshot(), self._current_limits(), now, predict)
             self._queue.replace(plan.rest)
             self._drop(plan.expired, plan.cancelled)
             if not plan.batch:
@@ -228,11 +354,15 @@ class DynamicBatcher(Generic[R]):
                 e.taken_at = now
                 self._queue_wait.observe(now - e.enqueued_at)
             task = asyncio.create_task(self._process(plan.batch), name=f"batch-{self.name}")
+            seq = max(e.length for e in plan.batch)
+            self._running[task] = (now, self.service_time.predict(len(plan.batch), seq))
             self._batch_tasks.add(task)
+            self._metric_drain.set(self.predicted_drain_seconds(now))
             task.add_done_callback(self._batch_done)
 
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batch_tasks.discard(task)
+        self._running.pop(task, None)
         assert self._slots is not None
         self._slots.release()
         if self._flush_when_idle and not self._batch_tasks:
@@ -242,11 +372,20 @@ class DynamicBatcher(Generic[R]):
         self._batch_size.observe(len(batch))
         self._inflight.inc()
         started = time.perf_counter()
+        seq = max(e.length for e in batch)
         try:
             # Nobody waits for this batch after its latest deadline: the adapter ends its backend call then, so a
             # stalled backend frees the in-flight slot instead of holding it while the queue behind it expires.
-            left = max(e.deadline for e in batch) - time.monotonic()
-            results = await self._process_fn([e.item for e in batch], max(0.0, left))
+            latest = max(e.deadline for e in batch)
+            items = [e.item for e in batch]
+            try:
+                results = await self._process_fn(items, max(0.0, latest - time.monotonic()))
+                self._learn(len(batch), seq, started)
+                self._outage = False
+            except BackendUnavailable:
+                if self._ready is None or not self.admission.retry_on_unavailable:
+                    raise
+                results = await self._retry_after_outage(batch, items, latest)
             if len(results) != len(batch):
                 logger.error("%s: process returned %d results for %d items", self.name, len(results), len(batch))
                 raise Internal("the inference backend returned a malformed result")
@@ -273,6 +412,54 @@ class DynamicBatcher(Generic[R]):
             self._fail(batch, Internal("internal server error"))
         finally:
             self._inflight.dec()
+
+    async def _retry_after_outage(self, batch: list[Entry], items: list[Any], latest: float) -> Sequence[R]:
+        """Wait (bounded by the batch's deadlines) until the backend is ready, then run the batch once more."""
+        assert self._ready is not None
+        self._outage = True
+        seq = max(e.length for e in batch)
+        needed = self.service_time.predict(len(batch), seq) if self.service_time.ready else 0.0
+        give_up = latest - needed
+        while True:
+            if all(e.future.done() for e in batch):
+                raise BackendUnavailable("every client of the batch left during the outage")
+            try:
+                if await self._ready():
+                    break
+            except Exception:
+                logger.debug("readiness probe failed during an outage", exc_info=True)
+            if time.monotonic() + READY_RETRY_SECONDS >= give_up:
+                raise BackendUnavailable(
+                    f"inference server unavailable for variant {self.name} and the deadline does not allow waiting"
+                )
+            await asyncio.sleep(READY_RETRY_SECONDS)
+        self._outage = False
+        self._metric_retries.inc()
+        started = time.perf_counter()
+        # Exactly one retry: a second failure goes to the clients as it is (never two retries, never two results).
+        results = await self._process_fn(items, max(0.0, latest - time.monotonic()))
+        self._learn(len(batch), seq, started)
+        return results
+
+    def _learn(self, rows: int, seq: int, started: float) -> None:
+        """Feed the service-time model with the time the backend spent on this batch alone.
+
+        With two batches in flight the second waits inside the backend while the first runs, so its latency is
+        not its cost: the backend's time on a batch is counted from when it was sent or the previous batch of the
+        variant finished, whichever is later (a FIFO server's service time).
+        """
+        done = time.perf_counter()
+        busy_from = max(started, self._last_done)
+        self._last_done = done
+        self.service_time.observe(rows, seq, done - busy_from)
+        snap = self.service_time.snapshot()
+        self._metric_intercept.set(snap.intercept_seconds)
+        self._metric_per_token.set(snap.per_token_seconds)
+
+    @property
+    def outage(self) -> bool:
+        """Whether a batch is waiting out a backend outage (admission then checks deadlines only)."""
+        return self._outage
 
     # ---------------------------------------------------------------- dropping
 

@@ -16,12 +16,15 @@ Rules:
   bucket whose oldest entry is oldest. Within the bucket entries are taken in arrival order until the row limit or
   the padded-token budget would be exceeded. A batch never exceeds ``max_batch_size`` rows; the first entry is
   always taken even if it alone exceeds the token budget (it must be served and is truncated to max_length).
+- With a service-time prediction, the batch is the largest arrival-order prefix whose predicted finish meets the
+  earliest deadline in it (Clockwork's rule): a large batch that would make its most urgent text late is cut, the
+  rest stays queued for the next batch. The first entry is always taken.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -159,13 +162,20 @@ def flush_delay(entries: Sequence[E], limits: BatchLimits, now: float) -> float 
     return max(0.0, min(wait_left, next_deadline))
 
 
-def take_batch(entries: Sequence[E], limits: BatchLimits, now: float) -> BatchPlan[E]:
+def take_batch(
+    entries: Sequence[E],
+    limits: BatchLimits,
+    now: float,
+    predict: Callable[[int, int], float] | None = None,
+) -> BatchPlan[E]:
     """Choose the next batch.
 
     Args:
         entries: Queued entries in arrival order.
         limits: Batch limits.
         now: Current monotonic time (seconds).
+        predict: Predicted seconds of a batch of ``rows`` entries padded to ``longest`` tokens; when given, the
+            batch is cut to the largest prefix that meets the earliest deadline in it.
 
     Returns:
         The plan: the batch to send, the expired and cancelled entries to drop, and the rest to keep queued.
@@ -191,4 +201,26 @@ def take_batch(entries: Sequence[E], limits: BatchLimits, now: float) -> BatchPl
                 longest = new_longest
                 continue
         plan.rest.append(e)
+    if predict is not None and len(plan.batch) > 1:
+        _cut_to_deadline(plan, now, predict)
     return plan
+
+
+def _cut_to_deadline(plan: BatchPlan[E], now: float, predict: Callable[[int, int], float]) -> None:
+    """Keep the largest prefix of ``plan.batch`` whose predicted finish meets its earliest deadline."""
+    keep = 1
+    longest = plan.batch[0].length
+    earliest = plan.batch[0].deadline
+    for k in range(2, len(plan.batch) + 1):
+        e = plan.batch[k - 1]
+        longest = max(longest, e.length)
+        earliest = min(earliest, e.deadline)
+        if now + predict(k, longest) > earliest:
+            break
+        keep = k
+    if keep == len(plan.batch):
+        return
+    cut = plan.batch[keep:]
+    del plan.batch[keep:]
+    # Back into the queue in arrival order (a stable sort: texts of one request keep their order).
+    plan.rest = sorted([*cut, *plan.rest], key=lambda e: e.enqueued_at)

@@ -65,11 +65,17 @@ class RequestQueue:
         self.max_size = max_size
         self._retry_after_seconds = retry_after_seconds
         self._entries: list[Entry] = []
+        self._tokens = 0
         self._changed = asyncio.Event()
         self._on_depth = on_depth
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        """Sum of the queued entries' token counts (dead ones not yet removed included), for drain predictions."""
+        return self._tokens
 
     @property
     def free(self) -> int:
@@ -99,6 +105,7 @@ class RequestQueue:
                 )
             # Dead entries make room; the loop task removes them (it is woken by the notify below).
         self._entries.extend(entries)
+        self._tokens += sum(e.length for e in entries)
         self._notify()
 
     def snapshot(self) -> list[Entry]:
@@ -112,6 +119,7 @@ class RequestQueue:
             entries: The entries that stay queued.
         """
         self._entries = list(entries)
+        self._tokens = sum(e.length for e in self._entries)
         self._notify()
 
     def clear_changed(self) -> None:

@@ -65,9 +65,13 @@ BATCH_SIZE_BUCKETS = tuple(float(2**i) for i in range(13))
 #: Padded sequence length of a batch (tokens), powers of two.
 BATCH_SEQUENCE_LENGTH_BUCKETS = tuple(float(2**i) for i in range(2, 12))
 
-#: The only values of gateway_requests_rejected_total's ``reason`` label: queue_full = refused at admission (429),
-#: deadline = expired in the queue (504), client_disconnect = cancelled by the client, shutdown = failed by a drain.
-REJECT_REASONS = ("queue_full", "deadline", "client_disconnect", "shutdown")
+#: The only values of gateway_requests_rejected_total's ``reason`` label: predicted_late = refused at admission
+#: because its predicted completion misses its deadline or the SLO (429), queue_full = refused by the count bound
+#: (429), deadline = expired in the queue (504), client_disconnect = cancelled by the client, shutdown = failed by a
+#: drain.
+REJECT_REASONS = ("predicted_late", "queue_full", "deadline", "client_disconnect", "shutdown")
+#: Buckets of the largest probability difference between a primary variant and its shadow, per text.
+SHADOW_DIFFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 #: ``variant`` label of request-level series for routes that serve no variant (/metrics, probes, unknown variant).
 NO_VARIANT = "none"
 #: The only values of the ``operation`` label: what the request asked for. The recording rules, alerts and the HPA
@@ -158,6 +162,53 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        # The service-time model each batcher learns online (docs/reliability.md): a batch of r texts padded to s
+        # tokens is predicted to take intercept + per_token * r * s seconds.
+        self.service_time_intercept_seconds = Gauge(
+            "gateway_service_time_intercept_seconds",
+            "Fixed cost of one batch in the learned service-time model.",
+            ["variant"],
+            registry=r,
+        )
+        self.service_time_per_token_seconds = Gauge(
+            "gateway_service_time_per_token_seconds",
+            "Cost of one padded token in the learned service-time model.",
+            ["variant"],
+            registry=r,
+        )
+        self.predicted_drain_seconds = Gauge(
+            "gateway_predicted_drain_seconds",
+            "Predicted time to finish the variant's in-flight and queued work (updated per batch and refusal).",
+            ["variant"],
+            registry=r,
+        )
+        self.backend_retries_total = Counter(
+            "gateway_backend_retries",
+            "Batches retried once after waiting out a backend outage.",
+            ["variant"],
+            registry=r,
+        )
+        # Shadow agreement: a sample of the primary variant's texts also classified by the shadow variant when both
+        # are idle. A falling agreement ratio is the production signal of a bad quantized model.
+        self.shadow_comparisons_total = Counter(
+            "gateway_shadow_comparisons",
+            "Texts classified by both a primary variant and its shadow.",
+            ["primary", "shadow"],
+            registry=r,
+        )
+        self.shadow_agreements_total = Counter(
+            "gateway_shadow_agreements",
+            "Shadow comparisons whose most probable labels were the same.",
+            ["primary", "shadow"],
+            registry=r,
+        )
+        self.shadow_probability_difference = Histogram(
+            "gateway_shadow_probability_difference",
+            "Largest absolute difference between the primary's and the shadow's class probabilities, per text.",
+            ["primary", "shadow"],
+            buckets=SHADOW_DIFFERENCE_BUCKETS,
+            registry=r,
+        )
         self.build_info = Gauge(
             "gateway_build_info",
             "Always 1; the labels carry the gateway version and build commit.",
@@ -206,6 +257,14 @@ class GatewayMetrics:
         self.batch_size.labels(variant=variant)
         self.queue_wait_seconds.labels(variant=variant)
         self.backend_request_duration_seconds.labels(model=model)
+        self.predicted_drain_seconds.labels(variant=variant).set(0)
+        self.backend_retries_total.labels(variant=variant)
+
+    def init_shadow(self, primary: str, shadow: str) -> None:
+        """Create the shadow-agreement series of a variant pair at zero."""
+        self.shadow_comparisons_total.labels(primary=primary, shadow=shadow)
+        self.shadow_agreements_total.labels(primary=primary, shadow=shadow)
+        self.shadow_probability_difference.labels(primary=primary, shadow=shadow)
 
     def observe_request(self, operation: str, protocol: str, variant: str | None, code: int, seconds: float) -> None:
         """Count one answered request and its latency (every transport records through here).

@@ -210,6 +210,9 @@ def images(podman, tmp_path_factory) -> dict[str, dict]:
     ):
         seconds = podman.build(clone, dockerfile, tag)
         figures[key] = {"tag": tag, "build_seconds": round(seconds, 1), "size_mb": round(podman.size_mb(tag), 1)}
+    # Keep the private store bounded across runs: drop untagged images left by earlier builds (the current tags
+    # and their layers stay, so an unchanged rebuild is still a cache hit).
+    podman.run("image", "prune", "-f", timeout=300, check=False)
     (Path(podman.env["LORASERVE_CONTAINERS_DIR"]) / "figures.json").write_text(json.dumps(figures, indent=2))
     print(f"\ncontainer images: {json.dumps(figures)}")
     return figures

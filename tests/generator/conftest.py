@@ -7,11 +7,15 @@ and it exports and loads in seconds. The real SmolLM2 is exercised by test_real_
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from service.gateway.backend.fake import write_fake_repository
+from service.gateway.settings import Settings
 from service.generator.publish import ServingLimits
+from tests.helpers.gateway import LABELS, base_tokenizer_json
 
 pytest.importorskip("torch")
 
@@ -47,3 +51,24 @@ def generator_triton(generator_repository, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def combined_repository(generator_repository, tmp_path_factory) -> Path:
+    """The fake classifier's files plus the real generator model, in one repository."""
+    repo = write_fake_repository(tmp_path_factory.mktemp("combined") / "repo", base_tokenizer_json(), labels=LABELS)
+    (repo / MODEL).symlink_to(generator_repository / MODEL, target_is_directory=True)
+    return repo
+
+
+def make_settings(repo: Path, triton, **kw) -> Settings:
+    """Settings on the combined repository, Triton's gRPC URL for the generator (the classifier side is fake)."""
+    return Settings(
+        triton={"model_repository": repo, "grpc_url": triton.grpc_url}, batch={"max_wait_seconds": 0.0}, **kw
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -15,23 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.gateway.api.generate import ChatMessage, GenerationSettings, held_back, render_chatml
 from service.gateway.app import create_app
-from service.gateway.backend.fake import FakeBackend, write_fake_repository
+from service.gateway.backend.fake import FakeBackend
 from service.gateway.backend.generator import GenerateParams, GeneratorClient
-from service.gateway.settings import Settings
-from tests.generator.conftest import MODEL
-from tests.helpers.gateway import LABELS, assert_error, base_tokenizer_json
+from tests.generator.conftest import MODEL, free_port, make_settings
+from tests.helpers.gateway import LABELS, assert_error
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "The quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def combined_repository(generator_repository, tmp_path_factory) -> Path:
-    """The fake classifier's files plus the real generator model, in one repository."""
-    repo = write_fake_repository(tmp_path_factory.mktemp("combined") / "repo", base_tokenizer_json(), labels=LABELS)
-    (repo / MODEL).symlink_to(generator_repository / MODEL, target_is_directory=True)
-    return repo
 
 
 @pytest.fixture
@@ -39,13 +29,6 @@ def generation_env(monkeypatch):
     monkeypatch.setenv("GATEWAY_GENERATE__ENABLED", "1")
     monkeypatch.setenv("GATEWAY_GENERATE__MAX_NEW_TOKENS", "128")
     return monkeypatch
-
-
-def make_settings(repo: Path, triton, **kw) -> Settings:
-    """Settings on the combined repository, Triton's gRPC URL for the generator (the classifier side is fake)."""
-    return Settings(
-        triton={"model_repository": repo, "grpc_url": triton.grpc_url}, batch={"max_wait_seconds": 0.0}, **kw
-    )
 
 
 @asynccontextmanager
@@ -261,18 +244,12 @@ async def test_generation_metrics(combined_repository, generator_triton, generat
     assert value("gateway_requests_total", operation="generate", protocol="rest_v1", variant="fp32", code="422") == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_client_disconnect_mid_stream_frees_the_cache(combined_repository, generator_triton, generation_env):
     import uvicorn
 
     settings = make_settings(combined_repository, generator_triton)
     app = create_app(settings, FakeBackend(len(LABELS)))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.ensure_future(server.serve())
     try:

@@ -82,7 +82,7 @@ def test_every_rule_is_unit_tested_and_every_operating_rule_alerts():
     ]
     alerts = {r["alert"] for r in rules if "alert" in r}
     records = {r["record"] for r in rules if "record" in r}
-    assert alerts == OPERATING_ALERTS | SCALING_ALERTS
+    assert OPERATING_ALERTS | SCALING_ALERTS <= alerts  # others may be added; each must be unit-tested (below)
     tests = yaml.safe_load((RULES_DIR / "rules-test.yml").read_text())["tests"]
     tested_alerts = {a["alertname"] for t in tests for a in t.get("alert_rule_test", [])}
     tested_exprs = " ".join(e["expr"] for t in tests for e in t.get("promql_expr_test", []))

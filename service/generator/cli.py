@@ -25,7 +25,7 @@ def add_build_generator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-publish", action="store_true", help="build and report without publishing")
     parser.add_argument("--served", help="variants published as generator_<variant> (default: fp32,int8; tiny: fp32)")
     parser.add_argument("--variants", help="variants built and reported (default: fp32,int8,fp16; tiny: fp32,int8)")
-    parser.add_argument("--steps", type=int, help="LoRA optimizer steps (default: 80; tiny: 6)")
+    parser.add_argument("--steps", type=int, help="LoRA optimizer steps (default: 40; tiny: 6)")
     parser.add_argument("--base-cache", type=Path, help="cache of the de-quantized base weights")
     parser.add_argument("--model-version", type=int, default=1, help="Triton version directory to publish")
     parser.add_argument("--max-kv-cache-bytes", type=int, help="KV-cache budget written into the Triton config")

@@ -53,12 +53,12 @@ class GeneratorBuildConfig:
     repository: Path | None = Path("model_repository")
     served: tuple[str, ...] = ("fp32", "int8")
     variants: tuple[str, ...] = VARIANTS
-    train_size: int = 640
-    test_size: int = 120
-    accuracy_size: int = 40
-    lora: LoraRecipe = field(default_factory=lambda: LoraRecipe(steps=80, batch_size=8))
-    parity_prompts: int = 4
-    parity_tokens: int = 32
+    train_size: int = 320
+    test_size: int = 80
+    accuracy_size: int = 24
+    lora: LoraRecipe = field(default_factory=lambda: LoraRecipe(steps=40, batch_size=8))
+    parity_prompts: int = 2
+    parity_tokens: int = 24
     speed_new_tokens: tuple[int, ...] = (32, 128, 256)
     base_cache_dir: Path = DEFAULT_CACHE_DIR
     limits: ServingLimits = field(default_factory=ServingLimits)
@@ -163,6 +163,7 @@ def build_generator(cfg: GeneratorBuildConfig) -> dict[str, Any]:
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - since, 2)
+        logger.info("build-generator: %s done in %.1f s", name, now - since)
         return now
 
     t = time.perf_counter()

@@ -430,6 +430,18 @@ def test_models_are_delivered_by_image_url_or_pvc_and_verified_before_triton(ren
         "--source=/source/releases/loraserve-models-0.1.0.tar.gz"
         in containers(rendered["secure"])["model-setup"]["args"]
     )
+    # A presigned URL stays in a Secret: the kubelet expands it into the argument.
+    secret = render(
+        HELM,
+        "-f",
+        str(CHART / "ci" / "keda-values.yaml"),
+        "--set",
+        "modelRepository.url=,modelRepository.urlSecret.name=model-url",
+    )
+    setup = containers(secret)["model-setup"]
+    assert "--source=$(LORASERVE_MODEL_URL)" in setup["args"]
+    env = {e["name"]: e for e in setup["env"]}
+    assert env["LORASERVE_MODEL_URL"]["valueFrom"]["secretKeyRef"] == {"name": "model-url", "key": "url"}
     # A URL is only trusted with its checksum.
     result = _helm(
         HELM, "template", "x", str(CHART), "--set", "modelRepository.source=url,modelRepository.url=https://a/b"

@@ -93,8 +93,8 @@ exec: { command: ["python3", "-c", "import sys, urllib.request; urllib.request.u
 {{- if and .Values.autoscaling.enabled (not .Values.serviceMonitor.enabled) (not .Values.autoscaling.scrapedElsewhere) }}
 {{- fail "autoscaling.enabled needs the gateway's metrics scraped: set serviceMonitor.enabled=true (with the additionalLabels your Prometheus selects), or autoscaling.scrapedElsewhere=true if you scrape the pods another way" }}
 {{- end }}
-{{- if and (eq .Values.modelRepository.source "url") (or (not .Values.modelRepository.url) (not .Values.modelRepository.sha256)) }}
-{{- fail "modelRepository.source=url needs modelRepository.url and modelRepository.sha256 (the archive's checksum)" }}
+{{- if and (eq .Values.modelRepository.source "url") (or (not (or .Values.modelRepository.url .Values.modelRepository.urlSecret.name)) (not .Values.modelRepository.sha256)) }}
+{{- fail "modelRepository.source=url needs modelRepository.url (or urlSecret.name) and modelRepository.sha256 (the archive's checksum)" }}
 {{- end }}
 {{- if and (eq .Values.modelRepository.source "pvc") (not .Values.modelRepository.existingClaim) }}
 {{- fail "modelRepository.source=pvc needs modelRepository.existingClaim" }}

@@ -234,19 +234,21 @@ def download(url: str, dest: Path, *, timeout_seconds: float = DOWNLOAD_TIMEOUT_
     Raises:
         PackageError: For another URL scheme, or when every attempt failed.
     """
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme not in ("http", "https"):
-        raise PackageError(f"{url!r}: only http(s) URLs are fetched (for S3 use a presigned or public object URL)")
-    last: Exception | None = None
+    parsed = urllib.parse.urlparse(url)
+    shown = parsed._replace(query="", fragment="").geturl()  # a presigned URL's query string is a credential
+    if parsed.scheme not in ("http", "https"):
+        raise PackageError(f"{shown!r}: only http(s) URLs are fetched (for S3 use a presigned or public object URL)")
+    last: object = None
     for attempt in range(DOWNLOAD_ATTEMPTS):
         try:
             with urllib.request.urlopen(url, timeout=timeout_seconds) as response, open(dest, "wb") as out:
                 shutil.copyfileobj(response, out, CHUNK_BYTES)
             return dest
         except OSError as error:  # URLError and socket errors; HTTP 4xx too: reported after the last attempt
-            last = error
-            time.sleep(min(2.0**attempt, 5.0))
-    raise PackageError(f"download of {url} failed after {DOWNLOAD_ATTEMPTS} attempts: {last}")
+            last = getattr(error, "reason", None) or type(error).__name__  # never the URL itself
+            if attempt + 1 < DOWNLOAD_ATTEMPTS:
+                time.sleep(min(2.0**attempt, 5.0))
+    raise PackageError(f"download of {shown} failed after {DOWNLOAD_ATTEMPTS} attempts: {last}")
 
 
 def _validate_config(text: str, source: str) -> None:

@@ -130,6 +130,10 @@ def test_install_from_an_http_url_needs_and_checks_the_sha256(repository, tmp_pa
         assert rc == 0
         assert pkg.verify_tree(tmp_path / "m")["models"]["classifier_int8"]["versions"] == [1]
         assert pkg.main(["install", "--source", url, "--sha256", "1" * 64, "--dest", str(tmp_path / "n")]) == 2
+        # A presigned URL's signature never reaches the logs.
+        with pytest.raises(pkg.PackageError) as failed:
+            pkg.download(f"http://127.0.0.1:{server.server_port}/missing.tar.gz?X-Amz-Signature=secret", tmp_path / "x")
+        assert "secret" not in str(failed.value) and "missing.tar.gz" in str(failed.value)
     finally:
         server.shutdown()
         server.server_close()

@@ -190,6 +190,26 @@ async def test_stream_limit_gives_429_with_retry_after(combined_repository, gene
     assert second.headers["retry-after"] == "1"
 
 
+async def test_deadline_mid_generation_is_504_and_frees_the_cache(
+    combined_repository, generator_triton, generation_env
+):
+    body = {"prompt": PROMPT, "max_new_tokens": 128, "ignore_eos": True, "timeout_seconds": 0.2}
+    async with gateway(combined_repository, generator_triton) as client:
+        # The random model streams ~100-200 tokens/s here: 128 tokens do not fit in 0.2 s.
+        resp = await client.post("/v1/generate", json=body)
+        service = client.app.state.generation
+        stats = await service.client.stats(MODEL)
+        for _ in range(200):
+            if stats["kv_cache_reserved_bytes"] == 0:
+                break
+            await asyncio.sleep(0.01)
+            stats = await service.client.stats(MODEL)
+        evicted = service.metrics.evictions_total.labels(variant="fp32", reason="deadline")._value.get()
+    assert_error(resp, 504, "deadline_exceeded")
+    assert stats["kv_cache_reserved_bytes"] == 0 and stats["kv_cache_bytes"] == 0
+    assert evicted == 1
+
+
 async def test_disabled_generation_is_404_and_documented(combined_repository, generator_triton, monkeypatch):
     monkeypatch.delenv("GATEWAY_GENERATE__ENABLED", raising=False)
     async with gateway(combined_repository, generator_triton) as client:

@@ -492,7 +492,9 @@ class GenerationService:
                 m.tokens_per_second.labels(variant=v).observe((len(tokens) - 1) / (last_at - first_at))
             yield Finished(text, reason, len(prompt_ids), len(tokens), first_at - arrived)
         except DeadlineExceeded:
-            ended_early = "deadline"
+            # Triton cancels the request when the gRPC deadline passes; the cache is freed before the end.
+            ended_early = None
+            m.evictions_total.labels(variant=v, reason="deadline").inc()
             raise
         except ServiceError:
             ended_early = None  # the model ended the sequence itself

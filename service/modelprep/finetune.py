@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+
+# peft asks transformers a deprecated question on every model it wraps; the answer is right, the warning is noise
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _num_layers(model) -> int:
@@ -175,7 +179,9 @@ def train(
     model = prepare_model(cfg, load_classifier(base, data.label_names))
     trainable, total = count_parameters(model)
     n_classes = len(data.label_names)
-    metric = resolve_selection_metric(cfg.selection_metric, data.train.labels, n_classes)
+    metric, metric_reason = resolve_selection_metric(
+        cfg.selection_metric, data.train.labels, n_classes, data.validation.labels
+    )
 
     head_names = ("classifier",)
     head_params = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in head_names)]
@@ -332,6 +338,7 @@ def train(
                 "best_validation_accuracy": best_acc,
                 "best_epoch": best_epoch,
                 "selection_metric": metric,
+                "selection_reason": metric_reason,
                 "best_validation_score": best_score,
                 "stopped_early": stopped_early,
                 "train_seconds": train_seconds,

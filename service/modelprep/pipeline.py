@@ -124,12 +124,18 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool | Progress = 
         stage_compress(ctx)
     rows = stage_evaluate(ctx)
     methods = stage_methods(ctx) if cfg.compare_methods else []
-    report = assemble_report(ctx, rows, methods)
     published = stage_publish(ctx, rows)
+    report_dir = cfg.report_dir or (cfg.workdir / "report")
+    report_path = report_dir / "report.json"
+    if not cache.built and report_path.is_file():
+        # nothing was rebuilt: the report on disk describes this very build (and rendering it costs seconds)
+        report = json.loads(report_path.read_text())
+        prog.line(f"done in {fmt_seconds(time.perf_counter() - t_start)}: every stage reused; report {report_path}")
+        return BuildResult(cfg.workdir, report_path, published, report, cache.reused)
+    report = assemble_report(ctx, rows, methods)
     report["build_seconds"] = time.perf_counter() - t_start
     report["reused_stages"] = cache.reused
     report["stage_seconds"] = {k: round(v, 1) for k, v in cache.seconds.items()}
-    report_dir = cfg.report_dir or (cfg.workdir / "report")
     from .report import write_report
 
     report_path = write_report(report, report_dir)
@@ -427,6 +433,7 @@ def assemble_report(ctx: BuildContext, rows: list[dict], methods: list[dict]) ->
             "stopped_early": trained.get("stopped_early", False),
             "best_epoch": trained.get("best_epoch"),
             "selection_metric": trained.get("selection_metric", "accuracy"),
+            "selection_reason": trained.get("selection_reason"),
             "best_validation_score": trained.get("best_validation_score"),
             "steps": trained["steps"],
             "best_validation_accuracy": trained["best_validation_accuracy"],

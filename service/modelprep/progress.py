@@ -7,6 +7,7 @@ or the model's size).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -33,6 +34,9 @@ class Progress:
 
     def __init__(self, bars: bool = True, stream=None, prefix: str = "[modelprep]") -> None:
         self.bars = bars
+        if not bars:
+            # transformers draws its own bars (loading weights) unless the hub's switch is off; read at import
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         self.stream = stream or sys.stdout
         self.prefix = prefix
         self.t0 = time.perf_counter()

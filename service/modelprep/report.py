@@ -133,7 +133,9 @@ def render_markdown(report: dict) -> str:
         "",
         f"Method {tr['method']}{weights}, {stop}, {tr['steps']} steps"
         + (f", {tr['train_seconds']:.0f} s" if tr.get("train_seconds") else "")
-        + f". Best epoch {tr.get('best_epoch')} selected on validation {metric} "
+        + f". Best epoch {tr.get('best_epoch')} selected on validation {metric}"
+        + (f" ({tr['selection_reason']})" if tr.get("selection_reason") else "")
+        + " "
         f"({_num(tr.get('best_validation_score'))}; validation accuracy {_num(tr['best_validation_accuracy'])}). "
         f"Merge parity (merged vs adapter, max |Δlogit|) {report['merge']['max_abs_logit_diff_vs_adapter']}, "
         f"ONNX parity vs torch {report['export']['parity_max_abs_logit_diff_vs_torch']:.3g}.",

@@ -58,11 +58,28 @@ def is_imbalanced(labels: Sequence[int], n_classes: int) -> bool:
     return bool(counts.min() / counts.sum() < IMBALANCE_SHARE / n_classes)
 
 
-def resolve_selection_metric(metric: str, labels: Sequence[int], n_classes: int) -> str:
-    """``accuracy`` or ``macro_f1``: ``auto`` picks macro-F1 for imbalanced training labels."""
+#: ``auto`` selects on macro-F1 only when every class has at least this many validation examples: below that, one
+#: example moves a class's F1 by several points and the best epoch would be picked by noise (TREC's ABBR class has 9).
+MIN_VALIDATION_SUPPORT = 20
+
+
+def resolve_selection_metric(
+    metric: str, labels: Sequence[int], n_classes: int, validation_labels: Sequence[int] | None = None
+) -> tuple[str, str]:
+    """(``accuracy`` or ``macro_f1``, why): ``auto`` picks macro-F1 for imbalanced training labels when every class
+    has at least ``MIN_VALIDATION_SUPPORT`` validation examples, accuracy otherwise."""
     if metric != "auto":
-        return metric
-    return "macro_f1" if is_imbalanced(labels, n_classes) else "accuracy"
+        return metric, "given"
+    if not is_imbalanced(labels, n_classes):
+        return "accuracy", "auto: classes balanced"
+    if validation_labels is not None:
+        smallest = int(np.bincount(np.asarray(validation_labels, dtype=int), minlength=n_classes).min())
+        if smallest < MIN_VALIDATION_SUPPORT:
+            return "accuracy", (
+                f"auto: classes imbalanced, but the rarest has {smallest} validation examples "
+                f"(< {MIN_VALIDATION_SUPPORT}): its F1 is too noisy to select on"
+            )
+    return "macro_f1", "auto: classes imbalanced"
 
 
 def score(metric: str, pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:

@@ -1,0 +1,82 @@
+"""Token lengths (auto max length, truncation share, head+tail) and the scores that select a model (no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.modelprep import scoring
+from service.modelprep.errors import ConfigError
+from service.modelprep.tokens import auto_max_length, encode, length_summary, token_lengths
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from service.modelprep.modeling import default_base_model, load_tokenizer
+
+    return load_tokenizer(default_base_model())
+
+
+def test_auto_max_length_covers_the_requested_share_in_multiples_of_16():
+    lengths = list(range(1, 101))  # 1..100 tokens
+    assert auto_max_length(lengths, coverage=0.95) == 96  # p95 = 95 -> next multiple of 16
+    assert auto_max_length(lengths, coverage=1.0) == 112
+    assert auto_max_length([5, 6, 7]) == 16  # never below the floor
+    assert auto_max_length([600, 700], model_max=512) == 512  # never above the model's positions
+    summary = length_summary(lengths, 96)
+    assert summary["truncated_share"] == pytest.approx(0.04)
+    assert summary["p50"] == 50 and summary["max"] == 100 and summary["texts"] == 100
+    with pytest.raises(ConfigError, match="max_length_coverage"):
+        auto_max_length(lengths, coverage=0.2)
+
+
+def test_token_lengths_count_the_special_tokens(tokenizer):
+    (n,) = token_lengths(tokenizer, ["who wrote hamlet ?"])
+    assert n == len(tokenizer("who wrote hamlet ?")["input_ids"])
+
+
+def test_head_tail_keeps_the_start_and_the_end(tokenizer):
+    words = " ".join(f"w{i}" for i in range(200))
+    budget = 34  # 32 text tokens + [CLS] + [SEP]
+    head = encode(tokenizer, [words], budget, "head", tensors="np")["input_ids"][0]
+    both = encode(tokenizer, [words], budget, "head_tail", tensors="np")["input_ids"][0]
+    full = tokenizer(words, add_special_tokens=False)["input_ids"]
+    assert len(head) == len(both) == budget
+    assert both[0] == tokenizer.cls_token_id and both[-1] == tokenizer.sep_token_id
+    body = list(both[1:-1])
+    assert body[:8] == full[:8] and body[8:] == full[-24:]  # a quarter from the head, the rest from the tail
+    assert list(head[1:-1]) == full[:32]
+
+
+def test_head_tail_leaves_short_texts_alone_and_pads_like_head(tokenizer):
+    texts = ["who wrote hamlet ?", "a", "how far is the moon from the earth in miles ?"]
+    a = encode(tokenizer, texts, 64, "head", tensors="np")
+    b = encode(tokenizer, texts, 64, "head_tail", tensors="np")
+    assert (a["input_ids"] == b["input_ids"]).all() and (a["attention_mask"] == b["attention_mask"]).all()
+    with pytest.raises(ConfigError, match="truncation"):
+        encode(tokenizer, texts, 64, "middle")
+
+
+def test_per_class_precision_recall_and_macro_f1():
+    gold = np.array([0, 0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 0, 1, 1, 0, 2])
+    rows = scoring.class_report(pred, gold, ["a", "b", "c"])
+    assert rows["a"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    assert rows["b"]["precision"] == 0.5 and rows["b"]["recall"] == 0.5
+    assert rows["c"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert scoring.macro_f1(pred, gold, 3) == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    assert scoring.accuracy(pred, gold) == pytest.approx(5 / 7)
+
+
+def test_selection_metric_auto_picks_macro_f1_for_imbalanced_labels():
+    balanced = [0, 1] * 50
+    imbalanced = [0] * 90 + [1] * 10  # the rare class has 10% < 0.5 x 1/2
+    assert scoring.resolve_selection_metric("auto", balanced, 2)[0] == "accuracy"
+    assert scoring.resolve_selection_metric("auto", imbalanced, 2) == ("macro_f1", "auto: classes imbalanced")
+    assert scoring.resolve_selection_metric("accuracy", imbalanced, 2)[0] == "accuracy"
+    # too few validation examples of the rare class: its F1 would pick the epoch by noise
+    metric, why = scoring.resolve_selection_metric("auto", imbalanced, 2, [0] * 50 + [1] * 9)
+    assert metric == "accuracy" and "9 validation examples" in why
+    assert scoring.resolve_selection_metric("auto", imbalanced, 2, [0] * 50 + [1] * 20)[0] == "macro_f1"
+    weights = scoring.balanced_class_weights(imbalanced, 2)
+    assert weights == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])

@@ -149,7 +149,7 @@ def train_lora(model: Any, tokenizer: Any, train: Sequence[Example], recipe: Lor
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window.append(float(loss))
+        window.append(loss.item())
         if len(window) >= max(1, recipe.steps // 10):
             losses.append(sum(window) / len(window))
             window = []

@@ -92,8 +92,8 @@ class GeneratorBuildConfig:
             "accuracy_size": 2,
             "lora": LoraRecipe(steps=6, batch_size=4, learning_rate=1e-3),
             "parity_prompts": 2,
-            "parity_tokens": 12,
-            "speed_new_tokens": (8, 16),
+            "parity_tokens": 8,
+            "speed_new_tokens": (4, 8),
             "limits": ServingLimits(
                 max_kv_cache_bytes=8 * 1024 * 1024,
                 max_active_sequences=16,

@@ -161,8 +161,23 @@ def train_lora(model: Any, tokenizer: Any, train: Sequence[Example], recipe: Lor
     return merged, TrainResult(trainable, total, seconds, losses)
 
 
-def answer_perplexity(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8) -> float:
-    """Perplexity of the expected replies given the prompts (teacher forcing, reply tokens only).
+@dataclass
+class AnswerScores:
+    """Teacher-forced scores of the expected replies.
+
+    Attributes:
+        perplexity: ``exp(mean negative log-likelihood per reply token)``.
+        greedy_exact: Share of examples whose reply greedy decoding reproduces token for token. Exact, from the
+            same single pass: greedy decoding yields the reference reply (end token included) if and only if every
+            reply position's most probable token, given the reference prefix, is the reference token.
+    """
+
+    perplexity: float
+    greedy_exact: float
+
+
+def answer_scores(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8) -> AnswerScores:
+    """Perplexity and greedy exact-match accuracy of the expected replies, in one teacher-forced pass per batch.
 
     Args:
         model: A ``LlamaForCausalLM``.
@@ -171,11 +186,11 @@ def answer_perplexity(model: Any, tokenizer: Any, examples: Sequence[Example], b
         batch_size: Examples per forward pass.
 
     Returns:
-        ``exp(mean negative log-likelihood per reply token)``.
+        The scores.
     """
     eos = tokenizer.eos_token or ""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
+    total_nll, total_tokens, exact = 0.0, 0, 0
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
@@ -189,7 +204,14 @@ def answer_perplexity(model: Any, tokenizer: Any, examples: Sequence[Example], b
             keep = labels != IGNORE_INDEX
             total_nll += float(nll[keep].sum())
             total_tokens += int(keep.sum())
-    return math.exp(total_nll / max(1, total_tokens))
+            hits = (logp.argmax(-1) == labels) | ~keep
+            exact += int(hits.all(dim=1).sum())
+    return AnswerScores(math.exp(total_nll / max(1, total_tokens)), exact / max(1, len(examples)))
+
+
+def answer_perplexity(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8) -> float:
+    """Perplexity of the expected replies given the prompts (see :func:`answer_scores`)."""
+    return answer_scores(model, tokenizer, examples, batch_size).perplexity
 
 
 @dataclass

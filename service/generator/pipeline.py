@@ -55,7 +55,7 @@ class GeneratorBuildConfig:
     variants: tuple[str, ...] = VARIANTS
     train_size: int = 320
     test_size: int = 80
-    accuracy_size: int = 24
+    accuracy_size: int = 4
     lora: LoraRecipe = field(default_factory=lambda: LoraRecipe(steps=40, batch_size=8))
     parity_prompts: int = 2
     parity_tokens: int = 24
@@ -150,7 +150,7 @@ def build_generator(cfg: GeneratorBuildConfig) -> dict[str, Any]:
     from .base import load_base, load_tokenizer, tiny_model
     from .data import chat_prompt_ids, load_examples
     from .export import export_onnx, file_size_bytes, np_rows, ort_session, ort_step, quantize_int8
-    from .finetune import answer_accuracy, answer_perplexity, train_lora
+    from .finetune import answer_accuracy, answer_scores, train_lora
     from .kvmodel import KVCacheLM, check_against_hf, greedy_decode, tokens_per_second, torch_step
     from .publish import publish_generator
 
@@ -178,12 +178,12 @@ def build_generator(cfg: GeneratorBuildConfig) -> dict[str, Any]:
     train, test = load_examples(cfg.train_size, cfg.test_size, seed=cfg.seed)
     acc_examples = test[: cfg.accuracy_size]
 
-    before_ppl = answer_perplexity(model, tokenizer, test)
+    before = answer_scores(model, tokenizer, test)
     before_acc = answer_accuracy(model, tokenizer, acc_examples)
     t = lap("evaluate_base", t)
     merged, trained = train_lora(copy.deepcopy(model), tokenizer, train, cfg.lora)
     t = lap("train_lora", t)
-    after_ppl = answer_perplexity(merged, tokenizer, test)
+    after = answer_scores(merged, tokenizer, test)
     after_acc = answer_accuracy(merged, tokenizer, acc_examples)
     t = lap("evaluate_lora", t)
 
@@ -290,10 +290,12 @@ def build_generator(cfg: GeneratorBuildConfig) -> dict[str, Any]:
             "loss_curve": [round(x, 4) for x in trained.losses],
         },
         "quality": {
-            "answer_perplexity_before": round(before_ppl, 3),
-            "answer_perplexity_after": round(after_ppl, 3),
-            "exact_answer_accuracy_before": before_acc.exact,
-            "exact_answer_accuracy_after": after_acc.exact,
+            "answer_perplexity_before": round(before.perplexity, 3),
+            "answer_perplexity_after": round(after.perplexity, 3),
+            "greedy_exact_accuracy_before": round(before.greedy_exact, 4),
+            "greedy_exact_accuracy_after": round(after.greedy_exact, 4),
+            "decoded_exact_accuracy_before": before_acc.exact,
+            "decoded_exact_accuracy_after": after_acc.exact,
             "samples_before": before_acc.samples,
             "samples_after": after_acc.samples,
         },
@@ -334,8 +336,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| answer perplexity | {q['answer_perplexity_before']} | {q['answer_perplexity_after']} |",
         (
-            f"| exact-answer accuracy (greedy) | {q['exact_answer_accuracy_before']:.3f} | "
-            f"{q['exact_answer_accuracy_after']:.3f} |"
+            f"| greedy exact-answer accuracy ({report['data']['test_examples']} examples, teacher-forced) | "
+            f"{q['greedy_exact_accuracy_before']:.3f} | {q['greedy_exact_accuracy_after']:.3f} |"
+        ),
+        (
+            f"| decoded exact answers ({report['data']['accuracy_examples']} examples, generated) | "
+            f"{q['decoded_exact_accuracy_before']:.3f} | {q['decoded_exact_accuracy_after']:.3f} |"
         ),
         "",
         "| variant | size (MB) | greedy token agreement with torch FP32 |",

@@ -39,6 +39,7 @@ def test_tiny_build_reports_parity_and_lora(tiny_generator_build):
     assert lora["trainable_parameters"] == 2 * 16 * ((128 + 128) + (128 + 64) + (128 + 64) + (128 + 128))
     quality = report["quality"]
     assert all(math.isfinite(quality[k]) for k in ("answer_perplexity_before", "answer_perplexity_after"))
+    assert all(0.0 <= quality[k] <= 1.0 for k in ("greedy_exact_accuracy_before", "greedy_exact_accuracy_after"))
     assert {row["new_tokens"] for row in report["speed_single_sequence"]} == {4, 8}
     assert report["sizes_bytes"]["int8"] < report["sizes_bytes"]["fp32"]
 

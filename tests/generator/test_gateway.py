@@ -18,6 +18,7 @@ from service.gateway.backend.fake import FakeBackend
 from service.gateway.backend.generator import GenerateParams, GeneratorClient
 from tests.generator.conftest import MODEL, free_port, make_settings
 from tests.helpers.gateway import LABELS, assert_error
+from tests.unit.test_metrics_conventions import check_family
 
 pytestmark = pytest.mark.integration
 
@@ -243,11 +244,15 @@ async def test_generation_metrics(combined_repository, generator_triton, generat
         await client.post("/v1/generate", json={"prompt": ""})
         await asyncio.sleep(0.3)  # the gauge refresh after each generation
         text = (await client.get("/metrics")).text
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    generation = {n: f for n, f in families.items() if n.startswith("gateway_generate_") and not n.endswith("_created")}
+    assert len(generation) == 8
+    for family in generation.values():  # the gateway's naming conventions (tests/unit/test_metrics_conventions.py)
+        labels = {"variant", "kind"} if family.name == "gateway_generate_tokens" else {"variant"}
+        if family.name == "gateway_generate_kv_cache_evictions":
+            labels = {"variant", "reason"}
+        check_family(family, family.type, labels)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]

@@ -307,7 +307,8 @@ class GenerationService:
     def __init__(self, settings: Any, generation: GenerationSettings, metrics: Any) -> None:
         self.settings = settings
         self.config = generation
-        self.metrics = GenerationMetrics(metrics.registry)
+        # Registered only when generation is on: a classify-only gateway exports exactly the classify set.
+        self.metrics: GenerationMetrics | None = GenerationMetrics(metrics.registry) if generation.enabled else None
         self.models: dict[str, GeneratorModel] = {}
         self.client: GeneratorClient | None = None
         self.in_flight = 0
@@ -327,6 +328,7 @@ class GenerationService:
         for variant in self.config.variants:
             model = load_generator_model(s.triton.model_repository, self.config.model_name_prefix, variant, None)
             self.models[variant] = model
+            assert self.metrics is not None
             self.metrics.init_variant(variant, model.kv_budget_bytes)
         self.client = GeneratorClient(
             s.triton.grpc_url,
@@ -441,6 +443,7 @@ class GenerationService:
         if remaining <= 0:
             raise DeadlineExceeded("deadline passed before the generation started")
         m = self.metrics
+        assert m is not None  # enabled: resolve() let the request through
         v = model.variant
         self.in_flight += 1
         stream: GeneratorStream = self.client.stream(
@@ -510,7 +513,7 @@ class GenerationService:
 
     async def _refresh(self, model: GeneratorModel) -> None:
         """Read the model's totals once a generation ended, so the gauges fall back when nothing runs."""
-        if self.client is None:
+        if self.client is None or self.metrics is None:
             return
         try:
             stats = await self.client.stats(model.model_name)

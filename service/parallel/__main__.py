@@ -45,10 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--checkpoint", type=Path, default=None, help="cached FP32 base (artifacts/generator/base-fp32)")
     b.add_argument("--out", type=Path, default=None, help="result path prefix (bench/results/parallelism)")
     b.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run of the harness")
+    b.add_argument(
+        "--layouts",
+        nargs="+",
+        default=None,
+        help="subset of single-1t dp2 tp2 pp2 single-2t (the first is the parity reference); default all",
+    )
     args = parser.parse_args(argv)
     if args.command == "check":
         return _check()
-    from service.parallel.bench import DEFAULT_CHECKPOINT, DEFAULT_OUT, BenchPlan, render_table, run_bench
+    from service.parallel.bench import DEFAULT_CHECKPOINT, DEFAULT_OUT, LAYOUTS, BenchPlan, render_table, run_bench
+
+    layouts = LAYOUTS
+    if args.layouts:
+        by_name = {layout.name: layout for layout in LAYOUTS}
+        unknown = [n for n in args.layouts if n not in by_name]
+        if unknown:
+            parser.error(f"unknown layouts {unknown}; choose from {list(by_name)}")
+        layouts = tuple(by_name[n] for n in args.layouts)
 
     plan = BenchPlan()
     if args.quick:
@@ -63,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             max_repeats=1,
             parity_new_tokens=2,
         )
-    report = run_bench(args.checkpoint or DEFAULT_CHECKPOINT, args.out or DEFAULT_OUT, plan)
+    report = run_bench(args.checkpoint or DEFAULT_CHECKPOINT, args.out or DEFAULT_OUT, plan, layouts)
     print(render_table(report))
     return 0
 

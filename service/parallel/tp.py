@@ -47,13 +47,13 @@ def tp_greedy_generate(
         ids: the prompt ``[batch, tokens]``, identical on every rank.
         new_tokens: tokens to generate.
         use_cache: keep a KV cache (else recompute the whole sequence every step).
-        timings: if given, receives ``perf_counter`` stamps ``prefill_end`` (first token chosen) and ``end``.
+        timings: if given, receives ``perf_counter`` stamps ``prefill_end`` (first token chosen) and ``end`` (and ``*_cpu``: this process's CPU time, ``process_time``).
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    split = model.shard.tp_world > 1  # an unsplit model in a group (data parallel) decides alone
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         nxt = logits[:, -1].argmax(-1, keepdim=True).contiguous()
-        if world > 1:
+        if split:
             dist.broadcast(nxt, src=0)
         return nxt
 
@@ -63,7 +63,7 @@ def tp_greedy_generate(
         nxt = pick(model(ids, 0, cache))
         out.append(nxt)
         if timings is not None:
-            timings["prefill_end"] = time.perf_counter()
+            timings["prefill_end"], timings["prefill_end_cpu"] = time.perf_counter(), time.process_time()
         while len(out) < new_tokens:
             nxt = pick(model(nxt, cache.length, cache))
             out.append(nxt)
@@ -73,8 +73,8 @@ def tp_greedy_generate(
             nxt = pick(model(seq))
             out.append(nxt)
             if timings is not None and len(out) == 1:
-                timings["prefill_end"] = time.perf_counter()
+                timings["prefill_end"], timings["prefill_end_cpu"] = time.perf_counter(), time.process_time()
             seq = torch.cat([seq, nxt], dim=1)
     if timings is not None:
-        timings["end"] = time.perf_counter()
+        timings["end"], timings["end_cpu"] = time.perf_counter(), time.process_time()
     return torch.cat(out, dim=1)

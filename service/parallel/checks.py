@@ -25,6 +25,7 @@ class ParityCase:
     ids: torch.Tensor
     new_tokens: int
     micro_batches: tuple[int, ...] = (1, 2)
+    check_no_cache: bool = True  # TP greedy also without the cache (recomputes the sequence every step)
 
 
 def weight_source(weights: dict[str, torch.Tensor] | str) -> WeightSource:
@@ -50,7 +51,9 @@ def parity_worker(rank: int, world: int, cases: list[ParityCase]) -> dict[str, d
         with torch.no_grad():
             logits = tp(case.ids)
         tokens = tp_greedy_generate(tp, case.ids, case.new_tokens)
-        tokens_no_cache = tp_greedy_generate(tp, case.ids, case.new_tokens, use_cache=False)
+        tokens_no_cache = (
+            tp_greedy_generate(tp, case.ids, case.new_tokens, use_cache=False) if case.check_no_cache else None
+        )
         out["tp"] = {
             "logits": logits if rank == 0 else None,
             "tokens": tokens,

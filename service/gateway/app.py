@@ -65,10 +65,13 @@ class RequestContextMiddleware:
         metrics: Where requests are counted.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, metrics: GatewayMetrics, dataplane: DataPlane | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.dataplane = dataplane
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,6 +100,12 @@ class RequestContextMiddleware:
                     resp = error_response(PayloadTooLarge(f"request body larger than {self.max_body_bytes} bytes"))
                     await resp(scope, receive, send_wrapper)
                     return
+                if self.dataplane is not None and _is_inference(scope.get("path", "")):
+                    shed = self.dataplane.shed_before_parsing()
+                    if shed is not None:
+                        scope["state"]["shed"] = True
+                        await error_response(shed)(scope, receive, send_wrapper)
+                        return
                 receive = _replay(body_or_none, receive)
             await self.app(scope, receive, send_wrapper)
         except Exception:
@@ -106,6 +115,8 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             operation, protocol = route_labels(getattr(route, "path", None))
+            if scope["state"].get("shed"):  # refused before routing: the path says what it was
+                operation, protocol = "classify", "rest_v2" if scope.get("path", "").startswith("/v2/") else "rest_v1"
             # The data plane records the variant in the call info only once it is a served one, so the label stays
             # bounded; every other request is "none".
             call = scope.get("state", {}).get("call")
@@ -113,6 +124,10 @@ class RequestContextMiddleware:
             self.metrics.observe_request(
                 operation, protocol, variant, status_holder["status"], time.perf_counter() - started
             )
+
+
+def _is_inference(path: str) -> bool:
+    return path == rest_v1.CLASSIFY_PATH or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 def _request_id(scope: Scope) -> str:
@@ -239,5 +254,7 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
     if settings.api_keys:
         # Inside the request-context middleware, so refusals still get a request id and are counted.
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics, dataplane=dataplane
+    )
     return app

@@ -36,6 +36,7 @@ from service.gateway.errors import (
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
+    Overloaded,
     PayloadTooLarge,
 )
 from service.gateway.model import Prediction
@@ -298,6 +299,23 @@ class DataPlane:
         )
         self._maybe_shadow(texts, done)
         return done
+
+    def shed_before_parsing(self) -> Overloaded | None:
+        """A 429 for an inference request whose body is not parsed yet, when every served variant is saturated.
+
+        Under overload most of a refused request's cost is decoding it; when no variant could take any request
+        now (the predicted drain of each exceeds its SLO budget), refusing before decoding keeps the CPU for the
+        admitted work. A request that one variant could still take is decoded and admitted or refused normally.
+        """
+        served = list(self.runtime.served.values())
+        if self.runtime.draining or not served:
+            return None
+        deadline = time.monotonic() + self.settings.request_timeout_seconds
+        if not all(sv.batcher.saturated(deadline) for sv in served):
+            return None
+        self.runtime.metrics.requests_rejected_total.labels(reason="predicted_late").inc()
+        retry_after = min(sv.batcher.retry_after_seconds() for sv in served)
+        return Overloaded("every variant is saturated; retry later", retry_after_seconds=retry_after)
 
     # ------------------------------------------------------------------ shadow agreement
 

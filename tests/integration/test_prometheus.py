@@ -9,34 +9,24 @@ temporary storage directory and stopped by PID. Missing outside CI: skipped; mis
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
 import re
-import shutil
-import signal
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.helpers.gateway_process import REPO_ROOT, GatewayProcess, closed_port
+from tests.helpers.gateway_process import REPO_ROOT, GatewayProcess
+from tests.helpers.prometheus import TARGET_LABELS, PrometheusProcess, get_json, prometheus_binary
 
 pytestmark = pytest.mark.integration
 
-RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 GRPC_LINE = re.compile(r"gateway gRPC \(v2 GRPCInferenceService, health\) at (127\.0\.0\.1:\d+)")
 ADAPTER_VALUES = REPO_ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
-# Static target labels standing in for what the Prometheus Operator adds in a cluster (namespace, pod, service),
-# so the recording rules and the adapter's label matchers see the shapes they will see there.
-TARGET_LABELS = {"namespace": "loraserve-test", "pod": "loraserve-0", "service": "loraserve"}
-SCRAPE_INTERVAL = "1s"
 TRAFFIC_REQUESTS = 240
 TRAFFIC_MAX_SECONDS = 25.0
 CONCURRENCY = 8
@@ -52,98 +42,6 @@ QUESTIONS = [
     "Why is the sky blue during the day but red at sunset?",
     "Name a famous Dutch painter.",
 ]
-
-
-def _prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("prometheus is missing in CI: install Debian's 'prometheus' package (scripts/setup.sh does)")
-        pytest.skip("prometheus not installed (apt-get install prometheus)")
-    return path
-
-
-def _get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.load(resp)
-
-
-class PrometheusProcess:
-    """A Prometheus server on a free 127.0.0.1 port with a scratch config and storage under ``workdir``."""
-
-    def __init__(self, binary: str, workdir: Path, scrape_targets: dict[str, str]) -> None:
-        self.port = closed_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
-            "rule_files": [str(RULES_DIR / "recording-rules.yml"), str(RULES_DIR / "alert-rules.yml")],
-            "scrape_configs": [
-                {
-                    "job_name": job,
-                    "metrics_path": "/metrics",
-                    "static_configs": [{"targets": [target], "labels": TARGET_LABELS}],
-                }
-                for job, target in scrape_targets.items()
-            ],
-        }
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log_path = workdir / "prometheus.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def wait_ready(self, timeout_seconds: float) -> None:
-        give_up = time.monotonic() + timeout_seconds
-        while time.monotonic() < give_up:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            time.sleep(0.25)
-        raise AssertionError(f"prometheus not ready in {timeout_seconds} s:\n{self.log()}")
-
-    def query(self, expr: str) -> list[dict]:
-        data = _get_json(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-        assert data["status"] == "success", data
-        return data["data"]["result"]
-
-    def wait_for(self, expr: str, timeout_seconds: float) -> list[dict]:
-        """Poll (bounded) until ``expr`` returns at least one finite sample, and return the result."""
-        give_up = time.monotonic() + timeout_seconds
-        result: list[dict] = []
-        while time.monotonic() < give_up:
-            result = [r for r in self.query(expr) if math.isfinite(float(r["value"][1]))]
-            if result:
-                return result
-            time.sleep(0.5)
-        raise AssertionError(f"no finite sample for {expr!r} within {timeout_seconds} s (last {result})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
 
 
 @pytest.fixture
@@ -192,7 +90,7 @@ def grpc_gateway_process(triton_server, model_repository, tmp_path):
 
 @pytest.fixture
 def prometheus(gateway_process, triton_server, tmp_path):
-    binary = _prometheus_binary()
+    binary = prometheus_binary()
     workdir = tmp_path / "prometheus"
     workdir.mkdir()
     triton_target = triton_server.metrics_url.removeprefix("http://").removesuffix("/metrics")
@@ -353,7 +251,7 @@ async def test_grpc_only_and_v2_rest_only_traffic_reach_the_autoscaling_series(
     gw = grpc_gateway_process
     workdir = tmp_path / "prometheus-protocols"
     workdir.mkdir()
-    prom = PrometheusProcess(_prometheus_binary(), workdir, {"gateway": gw.url.removeprefix("http://")})
+    prom = PrometheusProcess(prometheus_binary(), workdir, {"gateway": gw.url.removeprefix("http://")})
     try:
         prom.wait_ready(30)
         prom.wait_for('up{job="gateway"} == 1', 30)
@@ -383,7 +281,7 @@ async def test_grpc_only_and_v2_rest_only_traffic_reach_the_autoscaling_series(
             start, end = phases[protocol]
             window = max(2, round(end - start))
             params = {"query": f"max_over_time(namespace_pod:gateway_queue_depth:sum[{window}s])", "time": f"{end:.3f}"}
-            data = _get_json(f"{prom.url}/api/v1/query?" + urllib.parse.urlencode(params))
+            data = get_json(f"{prom.url}/api/v1/query?" + urllib.parse.urlencode(params))
             assert data["status"] == "success" and data["data"]["result"], data
             assert float(data["data"]["result"][0]["value"][1]) >= 1.0, (protocol, data)
     finally:

@@ -145,6 +145,7 @@ class DynamicBatcher(Generic[R]):
         #: In-flight batches: task -> (start time, predicted seconds).
         self._running: dict[asyncio.Task[None], tuple[float, float]] = {}
         self._outage = False
+        self._recovering = False
         self._last_done = 0.0
         self._retry_after_base = retry_after_seconds
         self._metric_intercept = metrics.service_time_intercept_seconds.labels(variant=name)
@@ -294,10 +295,17 @@ class DynamicBatcher(Generic[R]):
     def _budget(self, deadline: float, now: float) -> float:
         budget = deadline - now
         slo = self.admission.slo_seconds
-        # During an outage no SLO can be met; deadlines still bound the wait (and the count bound the memory).
-        if slo is not None and not self._outage:
-            budget = min(budget, slo * self.admission.slo_fraction)
-        return budget
+        if slo is None:
+            return budget
+        slo_budget = slo * self.admission.slo_fraction
+        # During an outage no SLO can be met; deadlines still bound the wait (and the count bound the memory). After
+        # it, the backlog that built up is worked off first: the SLO applies again once it fits the SLO, so the
+        # clients who waited through the restart are not followed by a burst of refusals.
+        if self._recovering and self.predicted_drain_seconds(now) <= slo_budget:
+            self._recovering = False
+        if self._outage or self._recovering:
+            return budget
+        return min(budget, slo_budget)
 
     def _admit(self, lengths: Sequence[int], deadline: float, now: float) -> None:
         """Refuse (429) a request whose predicted completion misses its deadline or the SLO target."""
@@ -305,14 +313,28 @@ class DynamicBatcher(Generic[R]):
             return
         self._check(self.predicted_completion_seconds(lengths, now), deadline, now, texts=len(lengths))
 
+    def saturated(self, deadline: float) -> bool:
+        """Whether the work already ahead misses the budget of a request due at ``deadline`` (no side effects).
+
+        The request-context middleware asks it before a body is even parsed, to shed overload at the least cost.
+        """
+        if not self.running or not self.service_time.ready:
+            return False
+        now = time.monotonic()
+        return self.predicted_drain_seconds(now) > self._budget(deadline, now)
+
+    def retry_after_seconds(self, now: float | None = None) -> int:
+        """The Retry-After of a refusal now: the predicted drain time, clamped to :data:`RETRY_AFTER_BOUNDS`."""
+        drain = self.predicted_drain_seconds(now)
+        self._metric_drain.set(drain)
+        low, high = RETRY_AFTER_BOUNDS
+        return min(high, max(low, self._retry_after_base, math.ceil(drain)))
+
     def _check(self, predicted: float, deadline: float, now: float, *, texts: int) -> None:
         budget = self._budget(deadline, now)
         if predicted <= budget:
             return
-        drain = self.predicted_drain_seconds(now)
-        self._metric_drain.set(drain)
-        low, high = RETRY_AFTER_BOUNDS
-        retry_after = min(high, max(low, self._retry_after_base, math.ceil(drain)))
+        retry_after = self.retry_after_seconds(now)
         self._metrics.requests_rejected_total.labels(reason="predicted_late").inc(texts)
         raise Overloaded(
             f"variant {self.name} cannot answer in time: predicted {predicted * 1000:.0f} ms, "
@@ -434,6 +456,7 @@ class DynamicBatcher(Generic[R]):
                 )
             await asyncio.sleep(READY_RETRY_SECONDS)
         self._outage = False
+        self._recovering = True
         self._metric_retries.inc()
         started = time.perf_counter()
         # Exactly one retry: a second failure goes to the clients as it is (never two retries, never two results).

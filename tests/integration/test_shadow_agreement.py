@@ -1,0 +1,147 @@
+"""Shadow agreement catches a bad quantized model in a real Prometheus.
+
+Two gateways, each with its own tritonserver: one serves the real build, the other the same build with its INT8
+classifier's per-channel weight scales deliberately distorted. Both shadow every INT8 request with FP16 (on idle
+capacity). One real Prometheus scrapes both (as two namespaces) with the deploy/ rules, whose windows are shortened
+so the test runs in seconds (the promtool unit test checks the real 10 min / 5 min timing). Asserted: the shadow
+alert fires for the corrupted build only, and the real build's recorded agreement is high.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from service.triton.launcher import TritonLaunchConfig, TritonServer
+from tests.helpers.gateway_process import GatewayProcess
+from tests.helpers.prometheus import PrometheusProcess, prometheus_binary
+from tests.helpers.reliability import record
+
+pytestmark = pytest.mark.integration
+
+RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "How many legs does a spider have?",
+    "When did the Berlin wall fall?",
+    "What does NASA stand for?",
+    "Where is Mount Kilimanjaro?",
+    "Name a famous Dutch painter.",
+    "How far is the moon from the earth?",
+    "What is a meteor made of?",
+    "Why do cats purr?",
+]
+#: The real build's agreement with FP16 on these questions (fraction of texts with the same label).
+MIN_REAL_AGREEMENT = 0.95
+
+
+def corrupt_int8(version_dir: Path) -> None:
+    """Distort the INT8 classifier's per-channel weight scales (a broken calibration, in effect)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = version_dir / "model.onnx"
+    model = onnx.load(str(path))
+    scales = [i for i in model.graph.initializer if "classifier" in i.name and i.name.endswith("_scale")]
+    assert scales, "no INT8 classifier scale in the model"
+    for init in scales:
+        values = numpy_helper.to_array(init).astype(np.float32)
+        factors = np.array([8.0, 0.1, 4.0, 0.2, 6.0, 0.05, 3.0, 0.3][: values.size], dtype=np.float32)
+        factors = np.resize(factors, values.shape)
+        init.CopyFrom(numpy_helper.from_array(values * factors, init.name))
+    onnx.save(model, str(path))
+
+
+def _rules(workdir: Path) -> list[str]:
+    """The deploy rules with their windows shortened for a test that runs in seconds."""
+    out = []
+    for name in ("recording-rules.yml", "alert-rules.yml"):
+        text = (RULES_DIR / name).read_text().replace("[10m]", "[30s]").replace("for: 5m", "for: 0s")
+        text = text.replace("> 0.1", "> 0.01")
+        path = workdir / name
+        path.write_text(text)
+        yaml.safe_load(text)
+        out.append(str(path))
+    return out
+
+
+async def _traffic(url: str, seconds: float) -> int:
+    """One client at a time with pauses: the backend is idle between requests, so every request is shadowed."""
+    ok = 0
+    give_up = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        i = 0
+        while time.monotonic() < give_up:
+            texts = [QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(3)]
+            resp = await c.post("/v1/classify", json={"texts": texts, "variant": "int8"})
+            ok += resp.status_code == 200
+            i += 1
+            await asyncio.sleep(0.05)
+    return ok
+
+
+def test_shadow_alert_fires_for_a_corrupted_int8_model_only(model_repository, tmp_path):
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(model_repository, corrupted)
+    (int8_dir,) = [d for d in (corrupted / "classifier_int8").iterdir() if d.name.isdigit()]
+    corrupt_int8(int8_dir)
+    servers, gateways = [], []
+    workdir = tmp_path / "prom"
+    workdir.mkdir()
+    prom = None
+    try:
+        targets = {}
+        for name, repo in (("real", model_repository), ("corrupt", corrupted)):
+            server = TritonServer(TritonLaunchConfig(model_repository=repo, log_path=tmp_path / f"triton-{name}.log"))
+            server.start()
+            servers.append(server)
+            gw = GatewayProcess(
+                [],
+                {
+                    "GATEWAY_TRITON__GRPC_URL": server.grpc_url,
+                    "GATEWAY_TRITON__MODEL_REPOSITORY": str(repo),
+                    "GATEWAY_GRPC_PORT": "-1",
+                    "GATEWAY_SHADOW__FRACTION": "1.0",
+                    "GATEWAY_DRAIN_GRACE_SECONDS": "0",
+                    "GATEWAY_LOG_LEVEL": "warning",
+                },
+                tmp_path / f"gateway-{name}.log",
+            )
+            gateways.append(gw)
+            targets[name] = gw.wait_ready(90)
+        prom = PrometheusProcess(
+            prometheus_binary(),
+            workdir,
+            {name: url.removeprefix("http://") for name, url in targets.items()},
+            rule_files=_rules(workdir),
+            target_labels={name: {"namespace": name, "pod": f"{name}-0"} for name in targets},
+        )
+        prom.wait_ready(30)
+
+        async def both() -> list[int]:
+            return await asyncio.gather(*(_traffic(url, 25.0) for url in targets.values()))
+
+        assert all(n >= 20 for n in asyncio.run(both()))
+        ratio = "namespace_primary_shadow:gateway_shadow_agreements:ratio_rate10m"
+        real = float(prom.wait_for(f'{ratio}{{namespace="real"}}', 30)[0]["value"][1])
+        bad = float(prom.wait_for(f'{ratio}{{namespace="corrupt"}}', 30)[0]["value"][1])
+        firing = prom.wait_for('ALERTS{alertname="LoraserveShadowAgreementLow",alertstate="firing"}', 40)
+        namespaces = {a["metric"]["namespace"] for a in firing}
+        record("shadow_agreement", {"real_agreement": round(real, 4), "corrupted_agreement": round(bad, 4)})
+        assert namespaces == {"corrupt"}, firing
+        assert real >= MIN_REAL_AGREEMENT and bad < 0.9, (real, bad)
+    finally:
+        if prom is not None:
+            prom.stop()
+        for gw in gateways:
+            gw.stop()
+        for server in servers:
+            server.stop()

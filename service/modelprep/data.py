@@ -140,7 +140,12 @@ def make_threads(messages: list[tuple[str, str]], seed: int) -> list[tuple[str, 
 
 def load_sms_threads(cfg: DataConfig) -> tuple[list, list, list]:
     """(train, validation, test) threads of ``make_threads``, built after splitting the SMS messages themselves."""
-    test, val, train = stratified_split(load_sms_spam(), (cfg.test_fraction, cfg.validation_fraction), cfg.seed)
+    # one line per message inside a thread, and each distinct message once (the SMS file repeats some), so that no
+    # message can sit in two splits
+    messages = list(dict.fromkeys((" ".join(t.split()), label) for t, label in load_sms_spam()))
+    seen: set[str] = set()
+    unique = [(t, label) for t, label in messages if not (t in seen or seen.add(t))]
+    test, val, train = stratified_split(unique, (cfg.test_fraction, cfg.validation_fraction), cfg.seed)
     return (
         make_threads(train, cfg.seed),
         make_threads(val, cfg.seed + 1) if val else [],

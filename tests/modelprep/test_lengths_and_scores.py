@@ -25,7 +25,7 @@ def test_auto_max_length_covers_the_requested_share_in_multiples_of_16():
     assert auto_max_length([600, 700], model_max=512) == 512  # never above the model's positions
     summary = length_summary(lengths, 96)
     assert summary["truncated_share"] == pytest.approx(0.04)
-    assert summary["p50"] == 50 and summary["max"] == 100 and summary["texts"] == 100
+    assert summary["p50"] == 51 and summary["max"] == 100 and summary["texts"] == 100
     with pytest.raises(ConfigError, match="max_length_coverage"):
         auto_max_length(lengths, coverage=0.2)
 

@@ -46,6 +46,18 @@ SHAPES: dict[str, tuple[Stage, ...]] = {
     "ramp": tuple(Stage(until=(i + 1) / 5, users=(i + 1) / 5) for i in range(5)),
     "steady": (Stage(until=1.0, users=1.0, spawn_seconds=0.1),),
     "spike": (Stage(until=0.4, users=0.25), Stage(until=0.6, users=1.0), Stage(until=1.0, users=0.25)),
+    # Bursts: short jumps to several times the base load, the shape that SLO-aware admission exists for. Under
+    # each burst the gateway keeps admitted requests near the SLO and answers the excess 429 with a computed
+    # Retry-After (shown apart as "shed: 429"); between bursts everything is admitted again.
+    "burst": (
+        Stage(until=0.2, users=0.2),
+        Stage(until=0.3, users=1.0),
+        Stage(until=0.5, users=0.2),
+        Stage(until=0.6, users=1.0),
+        Stage(until=0.8, users=0.2),
+        Stage(until=0.9, users=1.0),
+        Stage(until=1.0, users=0.2),
+    ),
 }
 
 

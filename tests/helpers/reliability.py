@@ -171,6 +171,46 @@ def render(data: dict[str, Any]) -> str:
         "",
         '"lost" counts requests that got no HTTP answer at all (client-side error or timeout); it must be 0.',
         "",
+        "## How the gateway decides (admission, batching, restarts, shadow agreement)",
+        "",
+        (
+            "- **Service-time model.** Each variant's batcher fits `seconds = intercept + per_token x rows x padded "
+            "length` online (recursive least squares, forgetting factor 0.98) to the time the backend spent on each "
+            "of its batches (counted from when a batch was sent or the previous one finished, whichever is later). "
+            "Exported as `gateway_service_time_intercept_seconds`, `gateway_service_time_per_token_seconds` and "
+            "`gateway_predicted_drain_seconds`, and shown per variant in `GET /v1/models` (`service_time`)."
+        ),
+        (
+            "- **Admission by predicted completion.** A request is admitted only if the work in flight, the queue "
+            "ahead of it and its own batch are predicted to finish within its deadline and within "
+            "`GATEWAY_SLO_ADMISSION_FRACTION` (0.8) of `GATEWAY_SLO_P99_SECONDS` (0.2 s; per variant with "
+            "`GATEWAY_SLO_P99_SECONDS_BY_VARIANT`). Otherwise 429 at once, `Retry-After` = the predicted drain time "
+            "clamped to 1-10 s. When every served variant is saturated, inference requests are refused before their "
+            "body is decoded (the cheapest refusal). `GATEWAY_BATCH__MAX_QUEUE_SIZE` (4096 texts) stays as a memory "
+            "guard. Until a variant has seen 8 batches, only the count bound applies."
+        ),
+        (
+            "- **Batches that meet deadlines.** A batch is the largest arrival-order prefix of its length bucket whose "
+            "predicted finish meets the earliest deadline in it; no wait when the backend is idle; length buckets "
+            "keep short texts from being padded to long ones."
+        ),
+        (
+            "- **Across a backend restart.** A batch whose call fails as unavailable waits for the backend to be "
+            "ready (bounded by its deadlines less its predicted time) and is retried once (`gateway_backend_retries"
+            "_total`); a second failure is final, and no result is ever set twice. Meanwhile, and until the backlog "
+            "fits the SLO again, admission checks deadlines only: a client whose deadline allows waiting is served "
+            "late rather than refused. 503 only when the deadline does not allow waiting."
+        ),
+        (
+            "- **Shadow agreement.** `GATEWAY_SHADOW__FRACTION` (0.01) of the primary variant's requests "
+            "(`GATEWAY_SHADOW__PRIMARY`, int8) are also classified by the shadow (`GATEWAY_SHADOW__SHADOW`, fp16), "
+            "only when neither has work queued or in flight, one comparison at a time. `gateway_shadow_comparisons"
+            "_total`, `gateway_shadow_agreements_total` and `gateway_shadow_probability_difference` feed the recording "
+            "rule `namespace_primary_shadow:gateway_shadow_agreements:ratio_rate10m` and the alert "
+            "`LoraserveShadowAgreementLow` (agreement < 97% for 5 min with at least 0.1 comparisons/s): the way to "
+            "catch a bad quantized model in production."
+        ),
+        "",
     ]
     scenarios = data.get("scenarios", {})
     for key, (title, how) in SCENARIOS.items():

@@ -2,24 +2,42 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
+from service.triton import repository as contract
+
 from .errors import PrepError
+from .tokens import HEAD_SHARE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: The committed Triton configs (config.pbtxt per model); copied into other repositories when they lack one.
 TEMPLATE_REPOSITORY = PROJECT_ROOT / "model_repository"
 BACKEND_MODEL = PROJECT_ROOT / "service" / "triton" / "backend_model.py"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOKENIZER_FILES = contract.TOKENIZER_FILES
 
 
 def model_name(variant: str) -> str:
-    """The Triton model name of a precision variant (``int8`` -> ``classifier_int8``)."""
-    return f"classifier_{variant}"
+    """The Triton model name of a precision variant (``int8`` -> ``classifier_int8``): the contract's rule."""
+    return contract.model_name(variant)
+
+
+def head_tokens_of(tokenizer_json: Path, max_length: int) -> int:
+    """Leading tokens (special ones included) that head+tail truncation keeps, as the gateway counts them.
+
+    Training keeps the first ``round(budget * HEAD_SHARE)`` content tokens after the leading special tokens
+    (``service.modelprep.tokens``); the gateway keeps the first ``head_tokens`` ids of the full encoding.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_truncation()
+    tok.no_padding()
+    specials = tok.encode("").ids  # e.g. [CLS] [SEP]: one leading and the rest trailing
+    leading = 1 if specials else 0
+    budget = max_length - len(specials)
+    return leading + max(1, round(budget * HEAD_SHARE))
 
 
 def git_sha() -> str | None:
@@ -46,8 +64,8 @@ def publish_variant(
 ) -> Path:
     """Write ``<repository>/classifier_<variant>/<version>/`` with the model, its tokenizer, labels and provenance.
 
-    A model trained with head+tail truncation says so in ``labels.json`` (``"truncation": "head_tail"``); the key is
-    absent for the default head truncation, so default builds keep the contract of docs/model_repository.md as is.
+    ``labels.json`` records the truncation (``"head"``, or ``"head_tail"`` with ``head_tokens``), so the gateway
+    tokenizes served texts exactly as training did (service/triton/repository.py is the contract).
 
     Returns:
         The version directory.
@@ -84,23 +102,20 @@ def publish_variant(
             shutil.copy(Path(tokenizer_dir) / f, tmp / f)
     if not (tmp / "tokenizer.json").is_file():
         raise PrepError(f"{tokenizer_dir} has no tokenizer.json (a fast tokenizer is required)")
-    label_meta = {
-        "labels": labels,
-        "max_length": max_length,
-        "variant": variant,
-        "model_name": name,
-        "version": version,
-    }
-    if truncation != "head":
-        label_meta["truncation"] = truncation
-    (tmp / "labels.json").write_text(json.dumps(label_meta, indent=2))
-    (tmp / "provenance.json").write_text(
-        json.dumps(
-            {"published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_sha": git_sha(), **provenance},
-            indent=2,
-            default=str,
-        )
+    head_tokens = head_tokens_of(tmp / "tokenizer.json", max_length) if truncation == "head_tail" else 0
+    contract.write_labels(
+        tmp,
+        contract.LabelsFile(
+            labels=tuple(labels),
+            max_length=max_length,
+            variant=variant,
+            model_name=name,
+            version=version,
+            truncation=truncation,
+            head_tokens=head_tokens,
+        ),
     )
+    contract.write_provenance(tmp, provenance, git_sha=git_sha())
     # swap in atomically enough for a directory: a running Triton never sees a half-written version
     if vdir.exists():
         shutil.rmtree(vdir)

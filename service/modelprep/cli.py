@@ -450,7 +450,13 @@ def main(argv: list[str] | None = None) -> int:
                 patience=args.patience or 2,
                 base=tcfg,
             )
-            res = compare_methods(ccfg, data, args.output, progress=Progress(bars=not args.quiet))
+            res = compare_methods(
+                ccfg,
+                data,
+                args.output,
+                progress=Progress(bars=not args.quiet),
+                max_train_samples=args.max_train_samples,
+            )
             for r in res["methods"]:
                 print(
                     f"  {r['method']:<13} accuracy {r['test_accuracy']:.4f}  macro-F1 {r['test_macro_f1']:.4f}  "

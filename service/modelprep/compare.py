@@ -144,7 +144,14 @@ def _run_method(method: str, tcfg: TrainConfig, data: Dataset, bars: bool) -> di
     }
 
 
-def compare_methods(cfg: CompareConfig, data: Dataset, out_dir: Path, *, progress: Progress | None = None) -> dict:
+def compare_methods(
+    cfg: CompareConfig,
+    data: Dataset,
+    out_dir: Path,
+    *,
+    progress: Progress | None = None,
+    max_train_samples: int | None = None,
+) -> dict:
     """Train every method of ``cfg`` to convergence on ``data``; write ``methods.json/.md/.png`` into ``out_dir``.
 
     Returns:
@@ -179,6 +186,8 @@ def compare_methods(cfg: CompareConfig, data: Dataset, out_dir: Path, *, progres
         "machine": machine_description(),
         "dataset": data.summary(),
         "base_model": str(base),
+        "base_model_name": str(cfg.base.base_model or "minilm"),
+        "max_train_samples": max_train_samples,
         "epochs": cfg.epochs,
         "patience": cfg.patience,
         "seconds": time.perf_counter() - started,
@@ -203,7 +212,13 @@ def render_markdown(result: dict) -> str:
         f"Machine: {machine_line(m)}; no GPU; the cores were shared with other work, so times carry noise.",
         (
             f"Built {result['built_at']}. Data: {result['dataset']['sizes']} (hash {result['dataset']['data_hash']}); "
-            f"base model `{Path(result['base_model']).name}`. Same split, seed, batch size and truncation for every "
+            f"base model `{result.get('base_model_name') or Path(result['base_model']).name}`"
+            + (
+                f", training split capped at {result['max_train_samples']} texts (stratified)"
+                if result.get("max_train_samples")
+                else ""
+            )
+            + ". Same split, seed, batch size and truncation for every "
             f"method; up to {result['epochs']} epochs with early stopping (patience {result['patience']}) on validation "
             f"{metric.replace('_', '-')}, best epoch kept; test split scored once at the end."
         ),

@@ -7,9 +7,9 @@ if [ -f artifacts/default/timings.json ] && ls model_repository/classifier_int8/
   echo "serve.sh: a built model is cached under artifacts/default: checking that it is current, then serving" \
        "(seconds)"
 else
-  echo "serve.sh: first run: about 3 min of set-up (a virtual environment) and 4-8 min to build the default model" \
-       "on 2 CPU cores (training with early stopping is most of it); later runs reuse the cache and serve in" \
-       "well under 30 s"
+  echo "serve.sh: first run: about 3 min of set-up (a virtual environment) and ~4 min to build the default model" \
+       "on 2 idle CPU cores (training is most of it; 17 min measured when the cores were shared with other jobs);" \
+       "later runs reuse the cache and serve in well under 30 s"
 fi
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

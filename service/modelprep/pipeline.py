@@ -341,7 +341,10 @@ def stage_evaluate(ctx: BuildContext) -> list[dict]:
     n_tp = len(cfg.evaluate.batch_sizes) * cfg.evaluate.repeats if cfg.evaluate.throughput else 0
     tp_seconds = n_tp * len(ctx.variant_paths) * cfg.evaluate.seconds_per_repeat
     n_texts = len(ctx.data.test) * len(ctx.variant_paths)
-    eta = (n_texts / 300.0 * ctx.size_factor() + tp_seconds + 3, "test texts x variants at ~300/s + throughput rounds")
+    # ~300 TREC questions (~50 characters) per second; longer texts cost about proportionally more
+    chars = sum(len(t) for t in ctx.data.test.texts) / max(1, len(ctx.data.test))
+    per_text = max(1.0, chars / 50.0) * ctx.size_factor() / 300.0
+    eta = (n_texts * per_text + tp_seconds + 3, "test texts x variants at ~300 questions/s + throughput rounds")
     detail = f"{len(ctx.variant_paths)} variants on {len(ctx.data.test)} test texts" + (
         f", throughput {cfg.evaluate.repeats} rounds x {len(cfg.evaluate.batch_sizes)} batch sizes" if n_tp else ""
     )

@@ -128,6 +128,7 @@ def test_head_tail_is_recorded_in_labels_json(tiny_build, tmp_path):
         {},
         truncation="head_tail",
     )
-    assert json.loads((vdir / "labels.json").read_text())["truncation"] == "head_tail"
+    meta = json.loads((vdir / "labels.json").read_text())
+    assert meta["truncation"] == "head_tail" and meta["head_tokens"] == 1 + 8  # [CLS] + a quarter of 32 - 2
     default = json.loads((tiny_build.published["int8"] / "labels.json").read_text())
-    assert "truncation" not in default  # the default build keeps docs/model_repository.md's labels.json as is
+    assert default.get("truncation", "head") == "head"

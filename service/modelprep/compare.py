@@ -154,6 +154,9 @@ def compare_methods(
 ) -> dict:
     """Train every method of ``cfg`` to convergence on ``data``; write ``methods.json/.md/.png`` into ``out_dir``.
 
+    Each method runs in a child process started with ``spawn``: a script that calls this must do so under
+    ``if __name__ == "__main__":`` (the CLI and pytest do).
+
     Returns:
         ``{"methods": [row, ...], "machine": ..., "dataset": ..., ...}`` (also written as ``methods.json``).
     """

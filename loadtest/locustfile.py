@@ -117,7 +117,7 @@ def _add_options(parser) -> None:
     parser.add_argument(
         "--shape",
         default="steady",
-        choices=["ramp", "steady", "spike"],
+        choices=["ramp", "steady", "spike", "burst"],
         env_var="LOCUST_SHAPE",
         help="stages of loadtest/shapes.py (only when that file is loaded with -f)",
     )
@@ -249,14 +249,15 @@ def threshold_misses(environment) -> list[str]:
 
 _SAMPLE = re.compile(r"^(gateway_\w+?)_(bucket|sum|count)\{(.*)\}\s+(\S+)$")
 _LE = re.compile(r'le="([^"]+)"')
-_ROUTE = re.compile(r'route="([^"]+)"')
+_OPERATION = re.compile(r'operation="([^"]+)"')
 SERVER_HISTOGRAMS = ("gateway_request_duration_seconds", "gateway_queue_wait_seconds", "gateway_batch_size")
 
 
 def scrape_histograms(host: str) -> dict[str, dict[float | str, float]] | None:
     """Cumulative buckets, sum and count of the gateway histograms we report, summed over variants.
 
-    Only the ``/v1/classify`` route counts where the histogram has a route label.
+    Only classify requests count where the histogram has an ``operation`` label (so the scrapes of /metrics
+    themselves and probes are left out).
 
     Args:
         host: Base URL of the gateway.
@@ -275,8 +276,8 @@ def scrape_histograms(host: str) -> dict[str, dict[float | str, float]] | None:
         m = _SAMPLE.match(line)
         if not m or m.group(1) not in out:
             continue
-        route = _ROUTE.search(m.group(3))
-        if route and route.group(1) != "/v1/classify":
+        operation = _OPERATION.search(m.group(3))
+        if operation and operation.group(1) != "classify":
             continue
         key: float | str = float(_LE.search(m.group(3)).group(1)) if m.group(2) == "bucket" else m.group(2)  # type: ignore[union-attr]
         out[m.group(1)][key] = out[m.group(1)].get(key, 0.0) + float(m.group(4))
@@ -300,7 +301,7 @@ def bucket_quantile(q: float, before: dict, after: dict) -> float | None:
         return None
     rank = q * counts[-1]
     lower, below = 0.0, 0.0
-    for bound, cum in zip(bounds, counts):
+    for bound, cum in zip(bounds, counts, strict=False):
         if cum >= rank:
             if math.isinf(bound):
                 return lower  # Prometheus answers the highest finite bound in this case, too

@@ -287,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--workdir", type=Path, default=Path("artifacts/default"))
 
+    from .package import add_package_arguments  # standard library only; the artifact the chart delivers
+
+    add_package_arguments(
+        sub.add_parser(
+            "package",
+            help="archive a built repository as a versioned artifact with a sha256 manifest (docs/deployment.md)",
+        )
+    )
+
     # -- generator (issue 17; service/generator/cli.py, standard library only at import) --
     from service.generator.cli import add_build_generator_arguments
 
@@ -485,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return run_build_generator(args)
             except ValueError as error:
+                raise PrepError(str(error)) from None
+        if args.command == "package":
+            from .package import PackageError, run_package
+
+            try:
+                return run_package(args)
+            except PackageError as error:
                 raise PrepError(str(error)) from None
         if args.command == "evaluate":
             md = args.workdir / "report" / "report.md"

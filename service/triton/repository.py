@@ -145,9 +145,10 @@ def write_labels(directory: Path, info: LabelsFile) -> Path:
         "variant": info.variant,
         "model_name": info.model_name,
         "version": info.version,
-        "truncation": info.truncation,
     }
+    # The default head truncation is the absence of the field, so default builds keep the original file format.
     if info.truncation == "head_tail":
+        payload["truncation"] = info.truncation
         payload["head_tokens"] = info.head_tokens
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return path

@@ -34,9 +34,15 @@ def _marked_processes(marker: str) -> dict[int, str]:
             if needle not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
             stat = (entry / "stat").read_text()
-            if stat.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie is dead, only not yet reaped
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # a zombie is dead, only not yet reaped
                 continue
-            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            # multiprocessing's resource tracker (started by the torch.distributed tests) is a child of this very
+            # process and ends with it: not a leftover of ours.
+            if int(fields[1]) == os.getpid() and "multiprocessing.resource_tracker" in cmdline:
+                continue
+            found[int(entry.name)] = cmdline
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
@@ -11,6 +13,7 @@ from service.gateway.errors import DeadlineExceeded, Internal
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.model import ClassifierModel, TextEncoder, softmax
 from service.gateway.repository import RepositoryError, load_variant_model
+from service.triton import repository as contract
 from tests.helpers.gateway import LABELS, LONG, SHORT, base_tokenizer_json
 
 
@@ -54,9 +57,9 @@ def test_pad_to_the_longest_row_of_the_batch():
 
 def test_labels_json_truncation_reaches_the_encoder(tmp_path):
     repo = write_fake_repository(tmp_path / "repo", base_tokenizer_json(), labels=LABELS, variants=("int8",))
-    labels_path = repo / "classifier_int8" / "1" / "labels.json"
-    text = labels_path.read_text().replace('"truncation": "head"', '"truncation": "head_tail", "head_tokens": 3')
-    labels_path.write_text(text)
+    vdir = repo / "classifier_int8" / "1"
+    info = contract.read_labels(vdir)
+    contract.write_labels(vdir, dataclasses.replace(info, truncation="head_tail", head_tokens=3))
     model = load_variant_model(repo, "classifier_int8", "int8", None)
     adapter = ClassifierModel(
         model, FakeBackend(len(LABELS)), GatewayMetrics(version="t", git_sha="t"), tokenize_in_thread=False

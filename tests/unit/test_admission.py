@@ -104,7 +104,7 @@ class Harness:
             max_inflight_batches=1,
             retry_after_seconds=1,
             metrics=self.metrics,
-            admission=AdmissionPolicy(slo_seconds=slo, slo_fraction=1.0),
+            admission=AdmissionPolicy(slo_seconds=slo, slo_fraction=1.0, recovery_grace_seconds=0.0),
             ready=backend.ready,
         )
 

@@ -61,11 +61,13 @@ class AdmissionPolicy:
         slo_fraction: Share of the SLO the predicted completion may use (the rest covers what happens outside the
             batch: HTTP, tokenization, encoding, and prediction error).
         retry_on_unavailable: Wait for the backend and retry a batch once when its call fails as unavailable.
+        recovery_grace_seconds: After an outage, admission keeps checking deadlines only for at least this long.
     """
 
     slo_seconds: float | None = 0.2
     slo_fraction: float = 0.8
     retry_on_unavailable: bool = True
+    recovery_grace_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class DynamicBatcher(Generic[R]):
         self._running: dict[asyncio.Task[None], tuple[float, float]] = {}
         self._outage = False
         self._recovering = False
+        self._recovered_at = 0.0
         self._last_done = 0.0
         self._retry_after_base = retry_after_seconds
         self._metric_intercept = metrics.service_time_intercept_seconds.labels(variant=name)
@@ -301,7 +304,10 @@ class DynamicBatcher(Generic[R]):
         # During an outage no SLO can be met; deadlines still bound the wait (and the count bound the memory). After
         # it, the backlog that built up is worked off first: the SLO applies again once it fits the SLO, so the
         # clients who waited through the restart are not followed by a burst of refusals.
-        if self._recovering and self.predicted_drain_seconds(now) <= slo_budget:
+        # A restarted backend's first batches are slow (cold sessions) and the service-time model re-learns from
+        # them: the SLO applies again after a grace period and once the backlog fits it.
+        grace_over = now >= self._recovered_at + self.admission.recovery_grace_seconds
+        if self._recovering and grace_over and self.predicted_drain_seconds(now) <= slo_budget:
             self._recovering = False
         if self._outage or self._recovering:
             return budget
@@ -457,6 +463,7 @@ class DynamicBatcher(Generic[R]):
             await asyncio.sleep(READY_RETRY_SECONDS)
         self._outage = False
         self._recovering = True
+        self._recovered_at = time.monotonic()
         self._metric_retries.inc()
         started = time.perf_counter()
         # Exactly one retry: a second failure goes to the clients as it is (never two retries, never two results).

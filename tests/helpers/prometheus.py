@@ -27,6 +27,19 @@ RULES_DIR = REPO_ROOT / "deploy" / "prometheus"
 # so the recording rules and the adapter's label matchers see the shapes they will see there.
 TARGET_LABELS = {"namespace": "loraserve-test", "pod": "loraserve-0", "service": "loraserve"}
 SCRAPE_INTERVAL = "1s"
+#: Short TREC-like questions the Prometheus tests send.
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who wrote Hamlet?",
+    "How many legs does a spider have?",
+    "When did the Berlin wall fall?",
+    "What does NASA stand for?",
+    "Where is Mount Kilimanjaro?",
+    "Why is the sky blue during the day but red at sunset?",
+    "Name a famous Dutch painter.",
+    "How far is the moon from the earth?",
+    "Why do cats purr?",
+]
 
 
 def prometheus_binary() -> str:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.helpers.gateway_process import REPO_ROOT, GatewayProcess
-from tests.helpers.prometheus import TARGET_LABELS, PrometheusProcess, get_json, prometheus_binary
+from tests.helpers.prometheus import QUESTIONS, TARGET_LABELS, PrometheusProcess, get_json, prometheus_binary
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,6 @@ TRAFFIC_MAX_SECONDS = 25.0
 CONCURRENCY = 8
 # Pause between one client's requests, so the traffic spans several scrape intervals, as real traffic does.
 CLIENT_PAUSE_SECONDS = 0.1
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who wrote Hamlet?",
-    "How many legs does a spider have?",
-    "When did the Berlin wall fall?",
-    "What does NASA stand for?",
-    "Where is Mount Kilimanjaro?",
-    "Why is the sky blue during the day but red at sunset?",
-    "Name a famous Dutch painter.",
-]
 
 
 @pytest.fixture
@@ -146,7 +136,9 @@ async def _protocol_traffic(protocol: str, http_url: str, grpc_url: str, model: 
         for i in counter:
             if time.monotonic() > give_up:
                 return
-            body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [QUESTIONS[i % 8]]}]}
+            body = {
+                "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [QUESTIONS[i % len(QUESTIONS)]]}]
+            }
             resp = await http.post(f"/v2/models/{model}/infer", json=body)
             codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
             await asyncio.sleep(CLIENT_PAUSE_SECONDS)
@@ -156,7 +148,7 @@ async def _protocol_traffic(protocol: str, http_url: str, grpc_url: str, model: 
             if time.monotonic() > give_up:
                 return
             try:
-                await client.infer(model, [_texts_input([QUESTIONS[i % 8]])], client_timeout=30)
+                await client.infer(model, [_texts_input([QUESTIONS[i % len(QUESTIONS)]])], client_timeout=30)
                 code = 200
             except InferenceServerException:
                 code = 500

@@ -21,24 +21,11 @@ import yaml
 
 from service.triton.launcher import TritonLaunchConfig, TritonServer
 from tests.helpers.gateway_process import GatewayProcess
-from tests.helpers.prometheus import PrometheusProcess, prometheus_binary
+from tests.helpers.prometheus import QUESTIONS, RULES_DIR, PrometheusProcess, prometheus_binary
 from tests.helpers.reliability import record
 
 pytestmark = pytest.mark.integration
 
-RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
-QUESTIONS = [
-    "What is the capital of France?",
-    "Who wrote Hamlet?",
-    "How many legs does a spider have?",
-    "When did the Berlin wall fall?",
-    "What does NASA stand for?",
-    "Where is Mount Kilimanjaro?",
-    "Name a famous Dutch painter.",
-    "How far is the moon from the earth?",
-    "What is a meteor made of?",
-    "Why do cats purr?",
-]
 #: The real build's agreement with FP16 on these questions (fraction of texts with the same label).
 MIN_REAL_AGREEMENT = 0.95
 

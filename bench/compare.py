@@ -198,6 +198,9 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
                 "GATEWAY_GRPC_PORT": str(grpc_port),
                 "GATEWAY_TRITON__GRPC_URL": triton.grpc_url,
                 "GATEWAY_TRITON__MODEL_REPOSITORY": str(args.model_repository),
+                # Admission by deadline only, like every other contender: a closed loop at a fixed concurrency is a
+                # throughput and latency comparison, not an overload test (SLO admission: docs/reliability.md).
+                "GATEWAY_SLO_P99_SECONDS": os.environ.get("GATEWAY_SLO_P99_SECONDS", "0"),
             },
             logs / f"{name}.log",
         )

@@ -20,6 +20,7 @@ from service import __version__
 from service.gateway.api import generate as generate_api  # issue 17: POST /v1/generate
 from service.gateway.api import health, rest_v1, rest_v2
 from service.gateway.api.auth import ApiKeyMiddleware
+from service.gateway.api.fast_classify import FastClassify
 from service.gateway.api.http_errors import add_exception_handlers, error_response, internal_error_response
 from service.gateway.backend.base import InferenceBackend
 from service.gateway.dataplane import DataPlane
@@ -251,6 +252,10 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
     app.include_router(health.router)
     app.include_router(rest_v2.router)
     app.include_router(generate_api.router)  # issue 17
+    if settings.fast_classify:
+        # Innermost of the middlewares: auth, the body limit, request ids and metrics apply to it unchanged.
+        classify_route = next(r for r in rest_v1.router.routes if getattr(r, "path", None) == rest_v1.CLASSIFY_PATH)
+        app.add_middleware(FastClassify, dataplane=dataplane, route=classify_route)
     if settings.api_keys:
         # Inside the request-context middleware, so refusals still get a request id and are counted.
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)

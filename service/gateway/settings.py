@@ -220,6 +220,11 @@ class Settings(BaseSettings):
     formatting and writing costs a measurable share of the event loop's CPU, and the metrics already count every
     request by route and status code."""
 
+    fast_classify: bool = True
+    """Serve well-formed ``POST /v1/classify`` requests on a lean ASGI path (orjson, no per-request pydantic
+    models); anything it is not certain is valid goes to the FastAPI route, so answers and errors are the same.
+    Off: every request takes the FastAPI route (for comparison; docs/benchmarks.md)."""
+
     resource_sample_interval_seconds: float = Field(5.0, gt=0.0, le=3600.0)
     """How often a background thread samples CPU utilization and, when NVML sees a GPU, GPU utilization and
     memory into the gateway_*_cpu_* and gateway_gpu_* gauges (never on the request path)."""

@@ -68,7 +68,7 @@ def test_bad_enum_is_rejected_by_the_protobuf():
         ('name: "input_ids"', 'name: "token_ids"', "inputs must be exactly"),
         ("data_type: TYPE_FP32", "data_type: TYPE_FP16", "must be TYPE_FP32"),
         ("timeout_action: REJECT", "timeout_action: DELAY", "timeout_action must be REJECT"),
-        ("max_queue_delay_microseconds: 1500", "max_queue_delay_microseconds: 500000", "max_queue_delay"),
+        ("max_queue_delay_microseconds: 100", "max_queue_delay_microseconds: 500000", "max_queue_delay"),
         ('backend: "python"', 'backend: "tensorflow"', "backend must be one of"),
         ('backend: "python"', 'backend: "onnxruntime"', "does not pad ragged inputs"),
         ("kind: KIND_CPU\n    count: 1", "kind: KIND_CPU\n    count: 0", "count must be >= 1"),

@@ -57,6 +57,8 @@ GENERATE_PATH = "/v1/generate"
 #: Route template -> ``operation`` label of the request metrics (merged into app.ROUTE_OPERATIONS).
 OPERATIONS = {GENERATE_PATH: "generate"}
 SSE_MEDIA_TYPE = "text/event-stream"
+#: After a generation ended early (cancelled), how long the KV-cache gauges keep being re-read from the model.
+_REFRESH_AFTER_CANCEL_SECONDS = 2.0
 
 
 class GenerationSettings(BaseSettings):
@@ -282,6 +284,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
+    """The tokens since the previous delta (text can be held back for a few tokens)."""
 
 
 @dataclass
@@ -300,13 +303,20 @@ class GenerationService:
 
     Args:
         settings: The gateway settings (Triton URL, repository, Retry-After, health timeout).
-        generation: Generation settings.
+        generation: Generation settings (``settings.generate``).
         metrics: The application's metrics (its registry gets the generation series).
+        runtime: The gateway runtime; the service attaches itself as ``runtime.generation``, which is how the gRPC
+            ``ModelStreamInfer`` handler (:mod:`service.gateway.api.grpc_stream`) finds it.
     """
 
-    def __init__(self, settings: Any, generation: GenerationSettings, metrics: Any) -> None:
+    def __init__(self, settings: Any, generation: GenerationSettings, metrics: Any, runtime: Any = None) -> None:
         self.settings = settings
         self.config = generation
+        self.runtime = runtime
+        if runtime is not None:
+            runtime.generation = self
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+        self._refresh_until: dict[str, float] = {}
         # Registered only when generation is on: a classify-only gateway exports exactly the classify set.
         self.metrics: GenerationMetrics | None = GenerationMetrics(metrics.registry) if generation.enabled else None
         self.models: dict[str, GeneratorModel] = {}
@@ -345,6 +355,8 @@ class GenerationService:
     async def stop(self) -> None:
         """Close the client (running streams end; the model frees their caches)."""
         self.started = False
+        for task in self._refreshing.values():
+            task.cancel()
         if self.client is not None:
             await self.client.aclose()
 
@@ -450,10 +462,12 @@ class GenerationService:
             model.model_name, prompt_ids, params, timeout_seconds=remaining, request_id=request_id
         )
         tokens: list[int] = []
+        unsent: list[int] = []  # tokens whose text was held back (not yielded yet)
         sent = 0  # characters of the visible text already yielded
         first_at = last_at = 0.0
         reason = "length"
         ended_early: str | None = "client_disconnect"
+        model_done = False
         text = ""
         try:
             event: TokenEvent
@@ -478,14 +492,17 @@ class GenerationService:
                     reason = "stop"
                 elif event.finish_reason:
                     reason = "eos" if event.finish_reason == "eos" else "length"
-                done = hit >= 0 or bool(event.finish_reason)
+                model_done = bool(event.finish_reason)  # the model ended the sequence and freed its cache
+                done = hit >= 0 or model_done
                 # Hold back an incomplete UTF-8 sequence and anything that may still turn into a stop string.
                 upto = len(text) if done else len(text) - held_back(text, stops)
                 if not done and text.endswith("\ufffd"):
                     upto = min(upto, len(text) - 1)
+                unsent.append(event.token_id)
                 if upto > sent or (not tokens[:-1] and not done):
-                    yield Delta(text[sent:upto], [event.token_id])
+                    yield Delta(text[sent:upto], unsent)
                     sent = max(sent, upto)
+                    unsent = []
                 if done:
                     ended_early = "stop_string" if hit >= 0 and not event.finish_reason else None
                     break
@@ -501,6 +518,7 @@ class GenerationService:
             raise
         except ServiceError:
             ended_early = None  # the model ended the sequence itself
+            model_done = True
             raise
         finally:
             self.in_flight -= 1
@@ -509,7 +527,30 @@ class GenerationService:
                 if ended_early:
                     m.evictions_total.labels(variant=v, reason=ended_early).inc()
             if tokens:
-                asyncio.ensure_future(self._refresh(model))
+                self._schedule_refresh(model, early=not model_done)
+
+    def _schedule_refresh(self, model: GeneratorModel, *, early: bool) -> None:
+        """Refresh the gauges from the model's totals now; after a cancellation, re-sample for a short while.
+
+        A cancelled sequence's cache is freed at the engine's next iteration, which a read right after the cancel
+        can precede; re-reading for :data:`_REFRESH_AFTER_CANCEL_SECONDS` (doubling pauses, one task per variant)
+        lets the gauge return to the true value without waiting for the next generation.
+        """
+        v = model.variant
+        running = v in self._refreshing and not self._refreshing[v].done()
+        # A loop already running may be in its last read, begun before this generation ended: one more read then.
+        extra = _REFRESH_AFTER_CANCEL_SECONDS if early else (0.05 if running else 0.0)
+        self._refresh_until[v] = max(self._refresh_until.get(v, 0.0), time.monotonic() + extra)
+        if not running:
+            self._refreshing[v] = asyncio.ensure_future(self._refresh_loop(model))
+
+    async def _refresh_loop(self, model: GeneratorModel) -> None:
+        pause = 0.05
+        await self._refresh(model)
+        while time.monotonic() < self._refresh_until.get(model.variant, 0.0):
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.5)
+            await self._refresh(model)
 
     async def _refresh(self, model: GeneratorModel) -> None:
         """Read the model's totals once a generation ended, so the gauges fall back when nothing runs."""

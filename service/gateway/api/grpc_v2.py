@@ -8,7 +8,8 @@ Messages and the service stub come from the definitions tritonclient ships (``tr
 Also served: the standard ``grpc.health.v1.Health`` service (Kubernetes gRPC probes; SERVING exactly when /readyz
 is 200, so NOT_SERVING while draining or while Triton is down) and server reflection (so grpcurl works without
 .proto files). Implemented RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig,
-ModelInfer; the others answer UNIMPLEMENTED.
+ModelInfer, and ModelStreamInfer for the generator models (:mod:`service.gateway.api.grpc_stream`); the others answer
+UNIMPLEMENTED.
 
 Errors map through each error class's ``grpc_code`` (:mod:`service.gateway.errors`); anything unexpected is
 INTERNAL with the generic message and a logged traceback. Every RPC is counted in the request metrics with the
@@ -217,6 +218,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             )
         )
         return response
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802 - gRPC method names
+        """Text generation with decoupled responses (tokens as they come): :mod:`service.gateway.api.grpc_stream`."""
+        from service.gateway.api.grpc_stream import model_stream_infer
+
+        async for response in model_stream_infer(self.dataplane.runtime, request_iterator, context):
+            yield response
 
 
 class GatewayHealth(health_pb2_grpc.HealthServicer):

@@ -202,7 +202,7 @@ def create_app(settings: Settings, backend: InferenceBackend | None = None, *, s
     runtime = GatewayRuntime(settings, backend, metrics)
     dataplane = DataPlane(runtime)
     # -- generation (issue 17): off unless GATEWAY_GENERATE__ENABLED=1 --
-    generation = generate_api.GenerationService(settings, generate_api.GenerationSettings(), metrics, runtime)
+    generation = generate_api.GenerationService(settings, settings.generate, metrics, runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -138,6 +138,68 @@ class TritonSettings(BaseModel):
         return value
 
 
+class GenerationSettings(BaseModel):
+    """Text generation (``POST /v1/generate`` and gRPC ``ModelStreamInfer``; issue 17): ``GATEWAY_GENERATE__*``."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    enabled: bool = False
+    """Serve ``POST /v1/generate``; the generator models must then be in the model repository and in Triton."""
+
+    variants: Annotated[tuple[str, ...], NoDecode] = ("fp32",)
+    """Generator variants served (comma-separated); each is the Triton model ``<model_name_prefix>_<variant>``."""
+
+    default_variant: str = "fp32"
+    """Variant used when a request names none."""
+
+    model_name_prefix: str = Field("generator", pattern=r"^[A-Za-z0-9_\-]+$")
+    """Triton model name prefix of the generator models."""
+
+    max_new_tokens: int = Field(512, ge=1, le=32_768)
+    """Largest ``max_new_tokens`` a request may ask for (the model's own limit applies too)."""
+
+    default_max_new_tokens: int = Field(64, ge=1, le=32_768)
+    """``max_new_tokens`` of a request that gives none."""
+
+    max_prompt_chars: int = Field(20_000, ge=1, le=10_000_000)
+    """Longest prompt (or sum of chat message contents) in characters; longer gives 413."""
+
+    max_messages: int = Field(64, ge=1, le=10_000)
+    """Most chat messages in one request."""
+
+    max_stop_strings: int = Field(4, ge=0, le=64)
+    """Most stop strings in one request."""
+
+    max_stop_chars: int = Field(64, ge=1, le=4096)
+    """Longest stop string in characters."""
+
+    max_streams: int = Field(64, ge=1, le=100_000)
+    """Most generations in flight in this gateway (over all variants); beyond it requests get 429 at once."""
+
+    request_timeout_seconds: float = Field(120.0, gt=0.0, le=3600.0)
+    """Server-side deadline of a whole generation; a client deadline (body or header) can only shorten it."""
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationSettings:
+        if not self.variants:
+            raise ValueError("generate variants must name at least one variant")
+        if self.default_variant not in self.variants:
+            raise ValueError(f"generate default_variant ({self.default_variant!r}) is not in {list(self.variants)}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"generate default_max_new_tokens ({self.default_max_new_tokens}) > max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """All gateway settings (env prefix ``GATEWAY_``, nested delimiter ``__``)."""
 
@@ -240,6 +302,9 @@ class Settings(BaseSettings):
 
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     """Shadow agreement between two variants (GATEWAY_SHADOW__*)."""
+
+    generate: GenerationSettings = Field(default_factory=GenerationSettings)
+    """Text generation with the generator models, off by default (GATEWAY_GENERATE__*)."""
 
     @field_validator("api_keys", mode="before")
     @classmethod

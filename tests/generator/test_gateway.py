@@ -16,6 +16,7 @@ from service.gateway.api.generate import ChatMessage, GenerationSettings, held_b
 from service.gateway.app import create_app
 from service.gateway.backend.fake import FakeBackend
 from service.gateway.backend.generator import GenerateParams, GeneratorClient
+from service.gateway.settings import Settings
 from tests.generator.conftest import MODEL, free_port, make_settings
 from tests.helpers.gateway import LABELS, assert_error
 from tests.unit.test_metrics_conventions import check_family
@@ -318,7 +319,32 @@ def test_settings_validation():
         GenerationSettings(variants=("fp32",), default_variant="int8")
     with pytest.raises(ValueError, match="default_max_new_tokens"):
         GenerationSettings(max_new_tokens=8, default_max_new_tokens=64)
-    assert GenerationSettings(_env_file=None).enabled is (os.environ.get("GATEWAY_GENERATE__ENABLED") == "1")
+    with pytest.raises(ValueError, match="generate.max_streams"):
+        Settings(generate={"max_streams": 0})
+
+
+def test_generation_settings_are_the_gateway_settings_nested_group(monkeypatch):
+    for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
+        monkeypatch.delenv(name)
+    assert Settings().generate == GenerationSettings() and Settings().generate.enabled is False
+    # The environment names of the separate settings object it replaced keep working.
+    monkeypatch.setenv("GATEWAY_GENERATE__ENABLED", "1")
+    monkeypatch.setenv("GATEWAY_GENERATE__VARIANTS", "fp32, int8")
+    monkeypatch.setenv("GATEWAY_GENERATE__DEFAULT_VARIANT", "int8")
+    monkeypatch.setenv("GATEWAY_GENERATE__MAX_STREAMS", "3")
+    monkeypatch.setenv("GATEWAY_GENERATE__REQUEST_TIMEOUT_SECONDS", "7.5")
+    g = Settings().generate
+    assert (g.enabled, g.variants, g.default_variant, g.max_streams, g.request_timeout_seconds) == (
+        True, ("fp32", "int8"), "int8", 3, 7.5
+    )  # fmt: skip
+    monkeypatch.setenv("GATEWAY_GENERATE__SURPRISE", "1")
+    with pytest.raises(ValueError, match="surprise"):
+        Settings()
+    # ... and the app's generation service uses exactly this group.
+    monkeypatch.delenv("GATEWAY_GENERATE__SURPRISE")
+    app = create_app(Settings(generate={"enabled": False, "max_streams": 5}), FakeBackend(len(LABELS)))
+    assert app.state.generation.config.max_streams == 5 and app.state.generation.config.enabled is False
+    assert app.state.runtime.generation is app.state.generation
 
 
 def test_held_back_keeps_possible_stop_prefixes():

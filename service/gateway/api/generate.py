@@ -16,8 +16,8 @@ when streaming. An error after the first token (the deadline, a backend failure)
 Cancellation: when the client disconnects, the deadline passes or a stop string matches, the gRPC stream to
 Triton is cancelled, and the model frees the sequence's KV cache at its next iteration.
 
-Settings come from ``GATEWAY_GENERATE__*`` environment variables (:class:`GenerationSettings`); generation is off
-unless ``GATEWAY_GENERATE__ENABLED=1``. The route is always in the OpenAPI document; while off it answers 404.
+Settings are the gateway Settings' nested ``generate`` group (``GATEWAY_GENERATE__*`` environment variables,
+:class:`service.gateway.settings.GenerationSettings`); generation is off unless ``GATEWAY_GENERATE__ENABLED=1``. The route is always in the OpenAPI document; while off it answers 404.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.gateway.api.http_common import DEADLINE_HEADER, wait_disconnect
 from service.gateway.api.schemas import ErrorResponse
@@ -50,6 +49,7 @@ from service.gateway.errors import (
     ServiceError,
 )
 from service.gateway.metrics import GenerationMetrics
+from service.gateway.settings import GenerationSettings
 
 logger = logging.getLogger("service.gateway.generate")
 
@@ -59,68 +59,6 @@ OPERATIONS = {GENERATE_PATH: "generate"}
 SSE_MEDIA_TYPE = "text/event-stream"
 #: After a generation ended early (cancelled), how long the KV-cache gauges keep being re-read from the model.
 _REFRESH_AFTER_CANCEL_SECONDS = 2.0
-
-
-class GenerationSettings(BaseSettings):
-    """Generation settings (env prefix ``GATEWAY_GENERATE__``)."""
-
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_GENERATE__", extra="forbid", use_attribute_docstrings=True)
-
-    enabled: bool = False
-    """Serve ``POST /v1/generate``; the generator models must then be in the model repository and in Triton."""
-
-    variants: Annotated[tuple[str, ...], NoDecode] = ("fp32",)
-    """Generator variants served (comma-separated); each is the Triton model ``<model_name_prefix>_<variant>``."""
-
-    default_variant: str = "fp32"
-    """Variant used when a request names none."""
-
-    model_name_prefix: str = Field("generator", pattern=r"^[A-Za-z0-9_\-]+$")
-    """Triton model name prefix of the generator models."""
-
-    max_new_tokens: int = Field(512, ge=1, le=32_768)
-    """Largest ``max_new_tokens`` a request may ask for (the model's own limit applies too)."""
-
-    default_max_new_tokens: int = Field(64, ge=1, le=32_768)
-    """``max_new_tokens`` of a request that gives none."""
-
-    max_prompt_chars: int = Field(20_000, ge=1, le=10_000_000)
-    """Longest prompt (or sum of chat message contents) in characters; longer gives 413."""
-
-    max_messages: int = Field(64, ge=1, le=10_000)
-    """Most chat messages in one request."""
-
-    max_stop_strings: int = Field(4, ge=0, le=64)
-    """Most stop strings in one request."""
-
-    max_stop_chars: int = Field(64, ge=1, le=4096)
-    """Longest stop string in characters."""
-
-    max_streams: int = Field(64, ge=1, le=100_000)
-    """Most generations in flight in this gateway (over all variants); beyond it requests get 429 at once."""
-
-    request_timeout_seconds: float = Field(120.0, gt=0.0, le=3600.0)
-    """Server-side deadline of a whole generation; a client deadline (body or header) can only shorten it."""
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(p.strip() for p in value.split(",") if p.strip())
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> GenerationSettings:
-        if not self.variants:
-            raise ValueError("generate variants must name at least one variant")
-        if self.default_variant not in self.variants:
-            raise ValueError(f"generate default_variant ({self.default_variant!r}) is not in {list(self.variants)}")
-        if self.default_max_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"generate default_max_new_tokens ({self.default_max_new_tokens}) > max_new_tokens "
-                f"({self.max_new_tokens})"
-            )
-        return self
 
 
 # -- request and response schemas -----------------------------------------------------------------------------

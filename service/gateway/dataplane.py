@@ -269,6 +269,7 @@ class DataPlane:
             ClientClosedRequest: ``disconnected`` completed first.
             ServiceError: Whatever the batch failed with.
         """
+        started = time.monotonic()
         try:
             if self.runtime.draining:
                 raise BackendUnavailable("gateway is draining; retry on another instance")
@@ -286,6 +287,7 @@ class DataPlane:
                 disconnected.close()  # never started: close it so Python does not warn about an unawaited coroutine
             raise
         answers = await _wait_all(futures, deadline, disconnected)
+        served.batcher.observe_latency(time.monotonic() - started)
         m = served.model.model
         predictions: list[Prediction] = [a.value for a in answers]
         done = Classified(
@@ -416,6 +418,7 @@ class DataPlane:
             "samples": snap.samples,
             "ready": snap.ready,
             "predicted_drain_seconds": batcher.predicted_drain_seconds(),
+            "budget_scale": batcher.budget_scale,
             "slo_seconds": batcher.admission.slo_seconds,
         }
 

@@ -182,6 +182,13 @@ class GatewayMetrics:
             ["variant"],
             registry=r,
         )
+        self.admission_budget_scale = Gauge(
+            "gateway_admission_budget_scale",
+            "Share of the SLO budget admission currently grants (1 = the configured fraction; lowered while admitted "
+            "requests answer later than the SLO, raised back while they answer well inside it).",
+            ["variant"],
+            registry=r,
+        )
         self.backend_retries_total = Counter(
             "gateway_backend_retries",
             "Batches retried once after waiting out a backend outage.",
@@ -258,6 +265,7 @@ class GatewayMetrics:
         self.queue_wait_seconds.labels(variant=variant)
         self.backend_request_duration_seconds.labels(model=model)
         self.predicted_drain_seconds.labels(variant=variant).set(0)
+        self.admission_budget_scale.labels(variant=variant).set(1)
         self.backend_retries_total.labels(variant=variant)
 
     def init_shadow(self, primary: str, shadow: str) -> None:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import pytest
 
 from service.gateway.backend.fake import FakeBackend
-from service.gateway.batching.batcher import RETRY_AFTER_BOUNDS, AdmissionPolicy, DynamicBatcher
+from service.gateway.batching.batcher import (
+    FEEDBACK_DECREASE,
+    FEEDBACK_INCREASE,
+    FEEDBACK_WINDOW,
+    RETRY_AFTER_BOUNDS,
+    AdmissionPolicy,
+    DynamicBatcher,
+)
 from service.gateway.batching.policy import BatchLimits, take_batch
 from service.gateway.batching.service_time import MIN_SAMPLES, ServiceTimeModel
 from service.gateway.errors import BackendUnavailable, Overloaded
@@ -166,6 +173,36 @@ async def test_admission_refuses_what_would_miss_the_slo_with_a_computed_retry_a
     assert h.batcher.predicted_drain_seconds() == 0.0
 
 
+async def test_late_answers_shrink_the_budget_and_prompt_ones_restore_it(harness):
+    """AIMD on the outcome: a window with >1% of answers past the SLO shrinks the budget; comfortable ones grow it."""
+    backend = FakeBackend(len(LABELS))
+    gate = backend.hold()
+    h = await harness(backend, slo=0.45)
+    h.train(0.1)
+    first = h.submit(*[SHORT] * 8)
+    await backend.wait_entered(1)
+    queued = [f for _ in range(3) for f in h.submit(*[SHORT] * 8)]  # ~0.4 s of work ahead: fits 0.45 s
+    h.batcher.precheck(time.monotonic() + 30.0)
+    for i in range(FEEDBACK_WINDOW):
+        h.batcher.observe_latency(0.6 if i < 2 else 0.2)  # 2% answered past the SLO
+    assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE)
+    assert h.sample("gateway_admission_budget_scale", variant="int8") == pytest.approx(FEEDBACK_DECREASE)
+    with pytest.raises(Overloaded):  # the same work ahead no longer fits the shrunk budget (0.45 x 0.7 s)
+        h.batcher.precheck(time.monotonic() + 30.0)
+    for _ in range(FEEDBACK_WINDOW):
+        h.batcher.observe_latency(0.42)  # inside the SLO but not comfortably: no change
+    assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE)
+    for _ in range(3 * FEEDBACK_WINDOW):
+        h.batcher.observe_latency(0.1)
+    assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE + 3 * FEEDBACK_INCREASE)
+    for _ in range(20 * FEEDBACK_WINDOW):
+        h.batcher.observe_latency(0.1)
+    assert h.batcher.budget_scale == 1.0  # never above the configured budget
+    h.batcher.precheck(time.monotonic() + 30.0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*first, *queued), 10)
+
+
 async def test_admission_refuses_what_would_miss_its_own_deadline(harness):
     backend = FakeBackend(len(LABELS))
     gate = backend.hold()
@@ -287,4 +324,6 @@ async def test_models_endpoint_shows_the_service_time_model(repo):
         "ready",
         "predicted_drain_seconds",
         "slo_seconds",
+        "budget_scale",
     }
+    assert st["budget_scale"] == 1.0

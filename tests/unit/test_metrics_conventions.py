@@ -47,6 +47,7 @@ EXPECTED = {
     "gateway_service_time_intercept_seconds": ("gauge", {"variant"}),
     "gateway_service_time_per_token_seconds": ("gauge", {"variant"}),
     "gateway_predicted_drain_seconds": ("gauge", {"variant"}),
+    "gateway_admission_budget_scale": ("gauge", {"variant"}),
     "gateway_backend_retries": ("counter", {"variant"}),
     "gateway_shadow_comparisons": ("counter", {"primary", "shadow"}),
     "gateway_shadow_agreements": ("counter", {"primary", "shadow"}),

@@ -73,6 +73,11 @@ class ServiceTimeInfo(BaseModel):
     ready: bool = Field(description="Whether predictions are used for admission (after a few batches).")
     predicted_drain_seconds: float = Field(description="Predicted time to finish the in-flight and queued work.")
     slo_seconds: float | None = Field(description="The variant's latency target; null admits by deadline only.")
+    budget_scale: float = Field(
+        1.0,
+        description="Share of the SLO budget admission grants now: lowered while admitted requests answer later "
+        "than the SLO, raised back while they answer well inside it (docs/reliability.md).",
+    )
 
 
 class ModelInfo(BaseModel):

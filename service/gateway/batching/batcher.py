@@ -50,6 +50,14 @@ ReadyFn = Callable[[], Awaitable[bool]]
 READY_RETRY_SECONDS = 0.1
 #: Bounds of the Retry-After header of a refusal (seconds).
 RETRY_AFTER_BOUNDS = (1, 10)
+#: Admission feedback: answered requests per adjustment window, the share of them allowed past the SLO, the
+#: multiplicative decrease, the additive increase and the floor of the budget scale (Clipper's AIMD, applied to the
+#: admission budget instead of the batch size).
+FEEDBACK_WINDOW = 100
+FEEDBACK_LATE_SHARE = 0.01
+FEEDBACK_DECREASE = 0.7
+FEEDBACK_INCREASE = 0.05
+FEEDBACK_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,12 @@ class DynamicBatcher(Generic[R]):
         self._metric_per_token = metrics.service_time_per_token_seconds.labels(variant=name)
         self._metric_drain = metrics.predicted_drain_seconds.labels(variant=name)
         self._metric_retries = metrics.backend_retries_total.labels(variant=name)
+        self._metric_scale = metrics.admission_budget_scale.labels(variant=name)
+        #: Share of the SLO budget granted now; AIMD on the latency of answered requests (observe_latency).
+        self.budget_scale = 1.0
+        self._window_answered = 0
+        self._window_late = 0
+        self._window_slowest = 0.0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -295,12 +309,41 @@ class DynamicBatcher(Generic[R]):
             now = time.monotonic()
             self._check(self.predicted_drain_seconds(now), deadline, now, texts=texts)
 
+    def observe_latency(self, seconds: float) -> None:
+        """Feed back the end-to-end latency of one answered request (admission to answer, as the data plane saw it).
+
+        The service-time model predicts the batch work; what happens outside it (a busy event loop, encoding,
+        scheduling on a shared machine) it cannot see, and under overload that can double an admitted request's
+        latency. So admission also corrects itself from the outcome: every :data:`FEEDBACK_WINDOW` answers, if
+        more than :data:`FEEDBACK_LATE_SHARE` of them missed the SLO the budget shrinks by :data:`FEEDBACK_DECREASE`;
+        if even the slowest one used less than 90% of the SLO it grows back by :data:`FEEDBACK_INCREASE` (up to 1).
+        Outages and the recovery grace period do not count: admission then checks deadlines only.
+
+        Args:
+            seconds: The request's latency.
+        """
+        slo = self.admission.slo_seconds
+        if slo is None or self._outage or self._recovering:
+            return
+        self._window_answered += 1
+        self._window_late += seconds > slo
+        self._window_slowest = max(self._window_slowest, seconds)
+        if self._window_answered < FEEDBACK_WINDOW:
+            return
+        if self._window_late > FEEDBACK_LATE_SHARE * self._window_answered:
+            self.budget_scale = max(FEEDBACK_FLOOR, self.budget_scale * FEEDBACK_DECREASE)
+        elif self._window_slowest < 0.9 * slo:
+            self.budget_scale = min(1.0, self.budget_scale + FEEDBACK_INCREASE)
+        self._metric_scale.set(self.budget_scale)
+        self._window_answered = self._window_late = 0
+        self._window_slowest = 0.0
+
     def _budget(self, deadline: float, now: float) -> float:
         budget = deadline - now
         slo = self.admission.slo_seconds
         if slo is None:
             return budget
-        slo_budget = slo * self.admission.slo_fraction
+        slo_budget = slo * self.admission.slo_fraction * self.budget_scale
         # During an outage no SLO can be met; deadlines still bound the wait (and the count bound the memory). After
         # it, the backlog that built up is worked off first: the SLO applies again once it fits the SLO, so the
         # clients who waited through the restart are not followed by a burst of refusals.

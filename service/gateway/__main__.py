@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--embedded-triton",
         action="store_true",
         help="start the bundled tritonserver (from the nvidia-pytriton wheel) on free 127.0.0.1 ports against the "
-        "model repository, use its gRPC URL, and stop it after the gateway has drained",
+        "model repository, loading the classifier variants (and the generator variants when GATEWAY_GENERATE__ENABLED "
+        "is on), use its gRPC URL, and stop it after the gateway has drained",
     )
     parser.add_argument("--triton-log", type=Path, help="with --embedded-triton: file for Triton's log")
     parser.add_argument(
@@ -128,9 +129,38 @@ def _print_ready(settings: Settings, url: str, grpc_port: int | None) -> None:
         f"gateway ready at {url} (docs: {url}/docs)",
         f"  curl -s -X POST {url}/v1/classify -H 'content-type: application/json' -d '{example}'",
     ]
+    if settings.generate.enabled:
+        body = json.dumps({"prompt": "The capital of France is", "max_new_tokens": 16, "stream": True})
+        lines.append(f"  curl -N -s -X POST {url}/v1/generate -H 'content-type: application/json' -d '{body}'")
     if grpc_port is not None:
         lines.append(f"gateway gRPC (v2 GRPCInferenceService, health) at {settings.host}:{grpc_port}")
     print("\n".join(lines), flush=True)
+
+
+def embedded_models(settings: Settings) -> tuple[str, ...]:
+    """The models the embedded Triton loads: the classifier variants, and the generator variants when generation is on.
+
+    Raises:
+        ValueError: Generation is on but a generator variant is not published in the model repository (the message
+            says how to build it).
+    """
+    models = [settings.model_name(v) for v in settings.variants]
+    g = settings.generate
+    if g.enabled:
+        repository = Path(settings.triton.model_repository)
+        for variant in g.variants:
+            name = f"{g.model_name_prefix}_{variant}"
+            model_dir = repository / name
+            published = (model_dir / "config.pbtxt").is_file() and any(
+                p.is_dir() and p.name.isdigit() for p in model_dir.iterdir()
+            )
+            if not published:
+                raise ValueError(
+                    f"generation is enabled (GATEWAY_GENERATE__ENABLED) but {name} is not published in {repository}; "
+                    "build it with python -m service.modelprep build-generator, or turn generation off"
+                )
+            models.append(name)
+    return tuple(models)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,9 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from service.triton.launcher import TritonLaunchConfig, TritonStartError
         from service.triton.supervisor import TritonSupervisor
 
+        try:
+            models = embedded_models(settings)
+        except ValueError as exc:
+            print(f"cannot start the embedded Triton: {exc}", file=sys.stderr)
+            return 1
         cfg = TritonLaunchConfig(
             model_repository=settings.triton.model_repository,
-            models=tuple(settings.model_name(v) for v in settings.variants),
+            models=models,
             log_path=args.triton_log,
             startup_timeout_seconds=settings.triton.startup_timeout_seconds,
         )

@@ -172,10 +172,12 @@ def model_ceiling(
 class Contender:
     """A started contender: how to make a sender, how to read its batch counters, and how to stop it."""
 
-    def __init__(self, make_sender, counts=None, procs=()) -> None:
+    def __init__(self, make_sender, counts=None, procs=(), make_many=None) -> None:
         self.make_sender = make_sender
         self.counts = counts
         self.procs = list(procs)
+        #: ``make_many(texts_per_request)``: a sender of several texts per request (None: not measured).
+        self.make_many = make_many
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -210,14 +212,16 @@ def start_contender(name: str, args, triton, vdir: Path, meta: dict, logs: Path)
             proc.stop()
             raise
         if name == "gateway-grpc":
-            make = lambda c, g=f"127.0.0.1:{grpc_port}": gb.gateway_grpc_sender(g)
+            make = lambda c, n=1, g=f"127.0.0.1:{grpc_port}": gb.gateway_grpc_sender(g, n)
         else:
-            make = lambda c, u=url, v=variant: gb.http_sender(u, c, {"variant": v})
-        return Contender(make, lambda u=url, v=variant: gb.gateway_batch_counts(u, v), [proc])
+            make = lambda c, n=1, u=url, v=variant: gb.http_sender(u, c, {"variant": v}, n)
+        many = make if name != "gateway-fp16" else None
+        return Contender(make, lambda u=url, v=variant: gb.gateway_batch_counts(u, v), [proc], make_many=many)
     if name == "triton":
         return Contender(
-            lambda c: gb.triton_sender(triton.grpc_url, vdir),
+            lambda c, n=1: gb.triton_sender(triton.grpc_url, vdir, n),
             lambda: gb.triton_batch_counts(triton.grpc_url, INT8_MODEL),
+            make_many=lambda c, n: gb.triton_sender(triton.grpc_url, vdir, n),
         )
     if name == "ray-serve":
         env = {
@@ -297,6 +301,62 @@ def measure(name: str, contender: Contender, args) -> list[dict]:
             )
             rows.append(row)
     return rows
+
+
+def measure_many(name: str, contender: Contender, args) -> list[dict]:
+    """Rounds of the many-texts scenario: ``--many-clients`` clients, ``--many-texts`` texts per request."""
+    rows = []
+    n, c = args.many_texts, args.many_clients
+    for rnd in range(args.repeats):
+        before = contender.counts() if contender.counts else None
+
+        async def go() -> dict:
+            send, close = contender.make_many(c, n)
+            try:
+                return await gb.closed_loop(send, c, args.warmup_seconds, args.duration_seconds)
+            finally:
+                await close()
+
+        row = asyncio.run(go())
+        if before is not None:
+            after = contender.counts()
+            calls, texts = after[0] - before[0], after[1] - before[1]
+            row["mean_batch"] = round(texts / calls, 1) if calls else None
+        row.update(contender=name, round=rnd + 1, texts_per_request=n, texts_per_second=round(row["rps"] * n, 1))
+        print(
+            f"  {name:13s} round {rnd + 1} {c} clients x {n} texts: {row['texts_per_second']:7.1f} texts/s  "
+            f"p50 {row['p50_ms']}  p99 {row['p99_ms']} ms  errors {row['errors']}  mean batch "
+            f"{row.get('mean_batch', '-')}",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def summarize_many(rounds: list[dict], ceiling: dict | None) -> list[dict]:
+    """Medians per contender of the many-texts rounds, with the share of the in-process ceiling."""
+    out = []
+    best = ceiling["best_sequences_per_second"] if ceiling else None
+    for name in dict.fromkeys(r["contender"] for r in rounds):
+        rs = [r for r in rounds if r["contender"] == name]
+        tps = statistics.median(r["texts_per_second"] for r in rs)
+        out.append(
+            {
+                "contender": name,
+                "clients": rs[0]["concurrency"],
+                "texts_per_request": rs[0]["texts_per_request"],
+                "rounds": len(rs),
+                "texts_per_second": round(tps, 1),
+                "texts_per_second_min": min(r["texts_per_second"] for r in rs),
+                "texts_per_second_max": max(r["texts_per_second"] for r in rs),
+                "share_of_ceiling": round(tps / best, 3) if best else None,
+                "p50_ms": round(statistics.median(r["p50_ms"] for r in rs if r["p50_ms"] is not None), 1),
+                "p99_ms": round(statistics.median(r["p99_ms"] for r in rs if r["p99_ms"] is not None), 1),
+                "errors": sum(r["errors"] for r in rs),
+                "mean_batch": statistics.median([r["mean_batch"] for r in rs if r.get("mean_batch")] or [0]) or None,
+            }
+        )
+    return out
 
 
 def summarize(rounds: list[dict]) -> list[dict]:
@@ -435,6 +495,28 @@ def render_markdown(data: dict, image_dir: str) -> str:
         + "; ".join(f"`{k}` {v}" for k, v in DESCRIPTIONS.items() if any(r["contender"] == k for r in data["summary"]))
         + ".",
     ]
+    many = data.get("many_texts")
+    if many and many.get("summary"):
+        lines += [
+            "",
+            f"### {many['texts_per_request']} texts per request",
+            "",
+            (
+                f"{many['clients']} closed-loop clients, each request carrying {many['texts_per_request']} consecutive "
+                "questions of the corpus (Triton direct: one padded [n, longest] tensor the client tokenized); "
+                "texts/s = requests/s × texts per request; the share is of the in-process ceiling above."
+            ),
+            "",
+            "| contender | texts/s (median) | range | share of ceiling | P50 ms | P99 ms | errors | mean batch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in many["summary"]:
+            share = f"{100 * r['share_of_ceiling']:.0f} %" if r.get("share_of_ceiling") is not None else "–"
+            lines.append(
+                f"| {r['contender']} | {r['texts_per_second']} | {r['texts_per_second_min']}–"
+                f"{r['texts_per_second_max']} | {share} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
+                f"{r['mean_batch'] if r['mean_batch'] is not None else '–'} |"
+            )
     for f in data.get("failed", []):
         lines.append(f"\n**{f['contender']} did not run:** {f['error']}")
     for n in data.get("notes", []):
@@ -558,6 +640,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run Ray Serve without RAY_SERVE_THROUGHPUT_OPTIMIZED (its slower default mode)",
     )
+    p.add_argument(
+        "--many-texts",
+        type=int,
+        default=32,
+        help="texts per request of the many-texts scenario (gateways and Triton direct; 1 or 0 skips it)",
+    )
+    p.add_argument("--many-clients", type=int, default=4, help="closed-loop clients of the many-texts scenario")
     p.add_argument("--smoke", action="store_true", help="3 s per level, 1 s warm-up, one round: a pipeline check")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -610,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     mach = gb.machine()
     cells = len(args.contender_list) * len(args.levels) * args.repeats
+    if args.many_texts > 1:
+        cells += len({"gateway-int8", "gateway-grpc", "triton"} & set(args.contender_list)) * args.repeats
     estimate = (
         cells * (args.duration_seconds + args.warmup_seconds + 1.0)
         + sum(STARTUP_ESTIMATE_SECONDS[n] for n in args.contender_list)
@@ -627,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = model_ceiling(vdir, gb.QUESTIONS, args.ceiling_batch_sizes, args.ceiling_seconds, 3)
 
     rounds: list[dict] = []
+    many_rounds: list[dict] = []
     failed: list[dict] = []
     triton = None
     try:
@@ -650,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             try:
                 rounds += measure(name, contender, args)
+                if args.many_texts > 1 and contender.make_many is not None:
+                    many_rounds += measure_many(name, contender, args)
             finally:
                 contender.stop()
     finally:
@@ -677,6 +771,14 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling": ceiling,
         "summary": summarize(rounds),
         "rounds": rounds,
+        "many_texts": {
+            "texts_per_request": args.many_texts,
+            "clients": args.many_clients,
+            "summary": summarize_many(many_rounds, ceiling),
+            "rounds": many_rounds,
+        }
+        if many_rounds
+        else None,
         "failed": failed,
         "notes": notes,
     }

@@ -245,8 +245,21 @@ async def closed_loop(send, concurrency: int, warmup_seconds: float, duration_se
     }
 
 
-def http_sender(url: str, concurrency: int, extra: dict | None = None):
+def many(texts_per_request: int):
+    """``texts(question)``: the question alone, or it and the next questions of the corpus (``texts_per_request``)."""
+    index = {q: i for i, q in enumerate(QUESTIONS)}
+
+    def texts(q: str) -> list[str]:
+        i = index.get(q, 0)
+        return [QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(texts_per_request)]
+
+    return texts
+
+
+def http_sender(url: str, concurrency: int, extra: dict | None = None, texts_per_request: int = 1):
     """An async ``send(question) -> ok`` posting ``{"text": question, **extra}`` to ``url``/v1/classify.
+
+    With ``texts_per_request`` > 1 the body is ``{"texts": [question and the next ones], **extra}``.
 
     aiohttp is used when installed (the ``bench`` extra): the load generator shares the 2 cores with the servers,
     and httpx's client costs several times more CPU per request, which starves the server it is measuring.
@@ -255,6 +268,11 @@ def http_sender(url: str, concurrency: int, extra: dict | None = None):
         import aiohttp
     except ImportError:
         aiohttp = None
+    texts = many(texts_per_request)
+
+    def body(q: str) -> dict:
+        return {"texts": texts(q), **(extra or {})} if texts_per_request > 1 else {"text": q, **(extra or {})}
+
     if aiohttp is not None:
         state: dict = {}
 
@@ -266,7 +284,7 @@ def http_sender(url: str, concurrency: int, extra: dict | None = None):
                     connector=aiohttp.TCPConnector(limit=concurrency),
                     timeout=aiohttp.ClientTimeout(total=60),
                 )
-            async with session.post("/v1/classify", json={"text": q, **(extra or {})}) as r:
+            async with session.post("/v1/classify", json=body(q)) as r:
                 await r.read()
                 return r.status == 200
 
@@ -284,13 +302,13 @@ def http_sender(url: str, concurrency: int, extra: dict | None = None):
     )
 
     async def send(q: str) -> bool:
-        r = await client.post("/v1/classify", json={"text": q, **(extra or {})})
+        r = await client.post("/v1/classify", json=body(q))
         return r.status_code == 200
 
     return send, client.aclose
 
 
-def triton_sender(grpc_url: str, version_dir: Path):
+def triton_sender(grpc_url: str, version_dir: Path, texts_per_request: int = 1):
     import numpy as np
     import tritonclient.grpc.aio as grpcaio
     from tokenizers import Tokenizer
@@ -300,15 +318,25 @@ def triton_sender(grpc_url: str, version_dir: Path):
     tok.enable_truncation(meta["max_length"])
     tok.no_padding()
     client = grpcaio.InferenceServerClient(grpc_url)
+    texts = many(texts_per_request)
 
     async def send(q: str) -> bool:
-        ids = np.asarray([tok.encode(q).ids], dtype=np.int64)
+        if texts_per_request > 1:  # one padded [n, longest] request, as a client batching for itself would send
+            encs = [e.ids for e in tok.encode_batch(texts(q))]
+            longest = max(len(e) for e in encs)
+            ids = np.zeros((len(encs), longest), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for r, e in enumerate(encs):
+                ids[r, : len(e)], mask[r, : len(e)] = e, 1
+        else:
+            ids = np.asarray([tok.encode(q).ids], dtype=np.int64)
+            mask = np.ones_like(ids)
         inputs = [
             grpcaio.InferInput("input_ids", list(ids.shape), "INT64"),
             grpcaio.InferInput("attention_mask", list(ids.shape), "INT64"),
         ]
         inputs[0].set_data_from_numpy(ids)
-        inputs[1].set_data_from_numpy(np.ones_like(ids))
+        inputs[1].set_data_from_numpy(mask)
         res = await client.infer(
             INT8_MODEL, inputs, outputs=[grpcaio.InferRequestedOutput("logits")], client_timeout=60
         )
@@ -317,15 +345,17 @@ def triton_sender(grpc_url: str, version_dir: Path):
     return send, client.close
 
 
-def gateway_grpc_sender(grpc_url: str):
+def gateway_grpc_sender(grpc_url: str, texts_per_request: int = 1):
     import numpy as np
     import tritonclient.grpc.aio as grpcaio
 
     client = grpcaio.InferenceServerClient(grpc_url)
+    texts = many(texts_per_request)
 
     async def send(q: str) -> bool:
-        tensor = grpcaio.InferInput("text", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([q.encode()], dtype=object))
+        batch = texts(q) if texts_per_request > 1 else [q]
+        tensor = grpcaio.InferInput("text", [len(batch)], "BYTES")
+        tensor.set_data_from_numpy(np.array([t.encode() for t in batch], dtype=object))
         res = await client.infer(INT8_MODEL, [tensor], client_timeout=60)
         return res.as_numpy("labels") is not None
 

@@ -23,6 +23,7 @@ import uvicorn
 from pydantic import BaseModel, ValidationError
 
 from service.gateway.app import create_app
+from service.gateway.http_server import http_protocol
 from service.gateway.runtime import GatewayRuntime
 from service.gateway.settings import Settings
 
@@ -229,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_level=settings.log_level,
             access_log=settings.access_log,
             lifespan="on",
+            http=http_protocol(),  # one socket write per response (service/gateway/http_server.py)
             timeout_graceful_shutdown=int(max(1, settings.drain_timeout_seconds)),
         )
         server = DrainingServer(

@@ -187,7 +187,7 @@ async def test_late_answers_shrink_the_budget_and_prompt_ones_restore_it(harness
         h.batcher.observe_latency(0.6 if i < 2 else 0.2)  # 2% answered past the SLO
     assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE)
     assert h.sample("gateway_admission_budget_scale", variant="int8") == pytest.approx(FEEDBACK_DECREASE)
-    with pytest.raises(Overloaded):  # the same work ahead no longer fits the shrunk budget (0.45 x 0.7 s)
+    with pytest.raises(Overloaded):  # the same work ahead no longer fits the shrunk budget (0.45 x 0.8 s)
         h.batcher.precheck(time.monotonic() + 30.0)
     for _ in range(FEEDBACK_WINDOW):
         h.batcher.observe_latency(0.42)  # inside the SLO but not comfortably: no change

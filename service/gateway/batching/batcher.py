@@ -55,9 +55,9 @@ RETRY_AFTER_BOUNDS = (1, 10)
 #: admission budget instead of the batch size).
 FEEDBACK_WINDOW = 100
 FEEDBACK_LATE_SHARE = 0.01
-FEEDBACK_DECREASE = 0.7
+FEEDBACK_DECREASE = 0.8
 FEEDBACK_INCREASE = 0.05
-FEEDBACK_FLOOR = 0.1
+FEEDBACK_FLOOR = 0.5
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ response with the current totals (``evictions_total`` included).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -505,8 +506,16 @@ class Engine:
 # Triton glue
 
 
+#: Config parameters a deployment may override through the Triton container's environment (the chart's
+#: ``generation.kvCache`` values): ``LORASERVE_GENERATOR_<KEY>``, e.g. ``LORASERVE_GENERATOR_MAX_KV_CACHE_BYTES``.
+ENV_OVERRIDABLE = ("max_kv_cache_bytes", "max_active_sequences")
+ENV_PREFIX = "LORASERVE_GENERATOR_"
+
+
 def _parameter(config: dict[str, Any], key: str, default: int) -> int:
     raw = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    if key in ENV_OVERRIDABLE and os.environ.get(ENV_PREFIX + key.upper(), "").strip():
+        raw = os.environ[ENV_PREFIX + key.upper()]
     if str(raw).strip() == "":
         return default
     value = int(raw)

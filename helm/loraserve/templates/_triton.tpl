@@ -16,6 +16,9 @@ a regular container (triton.nativeSidecar=false). */}}
     {{- range .Values.gateway.config.variants }}
     - --load-model=classifier_{{ . }}
     {{- end }}
+    {{- with include "loraserve.generation.loadModels" . }}
+    {{- . | trim | nindent 4 }}
+    {{- end }}
     # HTTP (with the model-control API: load/unload) and gRPC on loopback only: nothing outside this pod can
     # unload a model, even where NetworkPolicy is not enforced. The kubelet probes through exec instead.
     - --http-address=127.0.0.1
@@ -29,10 +32,16 @@ a regular container (triton.nativeSidecar=false). */}}
     {{- range .Values.triton.extraArgs }}
     - {{ . }}
     {{- end }}
-  {{- if not .Values.gpu.enabled }}
+  {{- $generationEnv := include "loraserve.generation.tritonEnv" . }}
+  {{- if or (not .Values.gpu.enabled) $generationEnv }}
   env:
+    {{- if not .Values.gpu.enabled }}
     # A CPU pod on a GPU node must not grab the node's GPUs through the NVIDIA runtime's defaults.
     - { name: NVIDIA_VISIBLE_DEVICES, value: void }
+    {{- end }}
+    {{- with $generationEnv }}
+    {{- . | trim | nindent 4 }}
+    {{- end }}
   {{- end }}
   ports:
     - { name: triton-metrics, containerPort: {{ .Values.triton.metricsPort }}, protocol: TCP }

@@ -287,6 +287,11 @@ class GenerationService:
         await self.client.start(
             [m.model_name for m in self.models.values()], timeout_seconds=s.triton.startup_timeout_seconds
         )
+        for model in self.models.values():
+            # The engine's own budget: a deployment may override the config's (LORASERVE_GENERATOR_* in Triton).
+            stats = await self.client.stats(model.model_name)
+            model.kv_budget_bytes = int(stats.get("max_kv_cache_bytes", model.kv_budget_bytes))
+            self.metrics.kv_cache_budget_bytes.labels(variant=model.variant).set(model.kv_budget_bytes)
         self.started = True
         logger.info("generation ready: %s", [m.model_name for m in self.models.values()])
 
@@ -502,6 +507,8 @@ class GenerationService:
             logger.debug("generator stats refresh failed", exc_info=True)
             return
         self.metrics.kv_cache_bytes.labels(variant=model.variant).set(stats["kv_cache_bytes"])
+        if "max_kv_cache_bytes" in stats:
+            self.metrics.kv_cache_budget_bytes.labels(variant=model.variant).set(stats["max_kv_cache_bytes"])
         self.metrics.active_sequences.labels(variant=model.variant).set(stats["active_sequences"])
 
 

@@ -9,6 +9,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from service.gateway.backend.base import InferenceBackend
 from service.gateway.batching.batcher import AdmissionPolicy, DynamicBatcher
@@ -54,6 +55,8 @@ class GatewayRuntime:
         self.metrics = metrics
         self.models: dict[str, VariantModel] = {}
         self.served: dict[str, ServedVariant] = {}
+        #: The text-generation service (service/gateway/api/generate.py); it attaches itself in create_app.
+        self.generation: Any = None
         self.server_max_batch_sizes: dict[str, int | None] = {}
         self._draining = False
         self._drain_listeners: list[Callable[[], None]] = []

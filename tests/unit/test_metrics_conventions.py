@@ -60,6 +60,18 @@ GPU_EXPECTED = {
     "gateway_gpu_memory_used_bytes": ("gauge", {"gpu"}),
     "gateway_gpu_memory_total_bytes": ("gauge", {"gpu"}),
 }
+#: Exported only with generation on (GATEWAY_GENERATE__ENABLED; GenerationMetrics in service/gateway/metrics.py;
+#: tests/generator/test_gateway.py checks them and their labels).
+GENERATION_EXPECTED = {
+    "gateway_generate_time_to_first_token_seconds": ("histogram", {"variant"}),
+    "gateway_generate_inter_token_latency_seconds": ("histogram", {"variant"}),
+    "gateway_generate_tokens_per_second": ("histogram", {"variant"}),
+    "gateway_generate_tokens": ("counter", {"variant", "kind"}),
+    "gateway_generate_kv_cache_bytes": ("gauge", {"variant"}),
+    "gateway_generate_kv_cache_budget_bytes": ("gauge", {"variant"}),
+    "gateway_generate_active_sequences": ("gauge", {"variant"}),
+    "gateway_generate_kv_cache_evictions": ("counter", {"variant", "reason"}),
+}
 SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
@@ -255,7 +267,7 @@ TRITON_METRICS = {
 
 
 def test_deploy_rules_and_dashboard_read_only_exported_metrics():
-    exported = set(EXPECTED) | set(GPU_EXPECTED)
+    exported = set(EXPECTED) | set(GPU_EXPECTED) | set(GENERATION_EXPECTED)
     used = set().union(*(_promql_metric_names(e) for e in _deploy_exprs()))
     gateway_used = {n for n in used if n.startswith("gateway_")}
     assert gateway_used - exported == set(), "rules or dashboard read gateway metrics that do not exist"

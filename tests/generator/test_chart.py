@@ -15,7 +15,18 @@ from prometheus_client import CollectorRegistry
 
 from service.gateway.metrics import GenerationMetrics
 from service.gateway.settings import Settings
-from tests.unit.test_helm import CHART, CRD_KINDS, HELM, K8S_VERSIONS, REPO_ROOT, _helm, containers, one, render
+from tests.unit.test_helm import (
+    CHART,
+    CRD_KINDS,
+    HELM,
+    K8S_VERSIONS,
+    REPO_ROOT,
+    _adapter_rules,
+    _helm,
+    containers,
+    one,
+    render,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +129,12 @@ def test_autoscaling_signals_query_exported_series(helm):
     names = [(m["type"], m[m["type"].lower()]["metric"]["name"]) for m in hpa]
     assert names[-2:] == [("Pods", "gateway_generate_kv_cache_utilization_ratio"),
                           ("Object", "gateway_generate_ttft_p99_seconds")]  # fmt: skip
+    # prometheus-adapter serves both names (deploy/prometheus-adapter/values.yaml) from series the gateway exports.
+    rules = _adapter_rules()
+    for kind, name in names[-2:]:
+        rule = rules[name]
+        series = rule["seriesQuery"].split("{")[0]
+        assert series in families and ("pod" if kind == "Pods" else "service") in rule["resources"]["overrides"]
     assert hpa[-2]["pods"]["target"] == {"type": "AverageValue", "averageValue": "700m"}
     assert hpa[-1]["object"]["target"] == {"type": "Value", "value": "1000m"}
 

@@ -382,7 +382,12 @@ def build_config(a: argparse.Namespace) -> BuildConfig:
         )
         cfg.data = data_config(a)
         cfg.data.max_train_samples = a.max_train_samples or 240
-        return cfg
+        if a.compress or a.publish_compressed:
+            from .config import tiny_compress_config
+
+            cfg.compress = tiny_compress_config()
+            cfg.compress.publish = a.publish_compressed
+        return _apply_full_report(cfg, a, tiny=True)
     int8 = QuantizeConfig(
         mode=a.int8_mode,
         per_channel=not a.int8_per_tensor,
@@ -407,14 +412,20 @@ def build_config(a: argparse.Namespace) -> BuildConfig:
         report_dir=a.report_dir,
         **kw,
     )
-    if a.full_report:
-        cfg = cfg.with_full_report()
-        if a.no_report_variants:
-            cfg.report_variants = ()
-        if a.no_throughput:
-            cfg.evaluate.throughput = False
-        if a.no_compare_methods:
-            cfg.compare_methods = False
+    return _apply_full_report(cfg, a, tiny=False)
+
+
+def _apply_full_report(cfg: BuildConfig, a: argparse.Namespace, tiny: bool) -> BuildConfig:
+    """``--full-report`` and its ``--no-*`` switches, the same for every preset (tiny: test-sized budgets)."""
+    if not a.full_report:
+        return cfg
+    cfg = cfg.with_full_report(tiny=tiny)
+    if a.no_report_variants:
+        cfg.report_variants = ()
+    if a.no_throughput:
+        cfg.evaluate.throughput = False
+    if a.no_compare_methods:
+        cfg.compare_methods = False
     return cfg
 
 

@@ -161,7 +161,6 @@ def compare_methods(
         ``{"methods": [row, ...], "machine": ..., "dataset": ..., ...}`` (also written as ``methods.json``).
     """
     from .modeling import resolve_base_model
-    from .report import machine_description
 
     prog = progress or Silent()
     out_dir = Path(out_dir)
@@ -180,11 +179,29 @@ def compare_methods(
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             row = pool.submit(_run_method, method, tcfg, data, prog.bars).result()
         rows.append(row)
+        # written after every method: a long comparison that is stopped keeps the methods it finished
+        _write(_result(cfg, data, base, max_train_samples, started, rows, complete=i == len(cfg.methods)), out_dir)
         prog.line(
             f"method {method}: test accuracy {row['test_accuracy']:.4f}, macro-F1 {row['test_macro_f1']:.4f}, "
             f"best epoch {row['best_epoch']} of {row['epochs_run']} run, {row['seconds_to_best_epoch']:.0f} s to it"
         )
-    result = {
+    result = _result(cfg, data, base, max_train_samples, started, rows, complete=True)
+    _write(result, out_dir)
+    return result
+
+
+def _result(
+    cfg: CompareConfig,
+    data: Dataset,
+    base: Path,
+    max_train_samples: int | None,
+    started: float,
+    rows: list,
+    complete: bool,
+) -> dict:
+    from .report import machine_description
+
+    return {
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_description(),
         "dataset": data.summary(),
@@ -194,12 +211,16 @@ def compare_methods(
         "epochs": cfg.epochs,
         "patience": cfg.patience,
         "seconds": time.perf_counter() - started,
-        "methods": rows,
+        "methods_requested": list(cfg.methods),
+        "complete": complete,
+        "methods": list(rows),
     }
+
+
+def _write(result: dict, out_dir: Path) -> None:
     (out_dir / "methods.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "methods.md").write_text(render_markdown(result))
     render_png(result, out_dir / "methods.png")
-    return result
 
 
 def render_markdown(result: dict) -> str:
@@ -239,6 +260,12 @@ def render_markdown(result: dict) -> str:
             f"{r['seconds_to_best_epoch']:.0f} | {r['train_seconds']:.0f} | {r['median_epoch_seconds']:.0f} | "
             f"{r['peak_rss_mib']:.0f} |"
         )
+    missing = [m for m in result.get("methods_requested", []) if m not in {r["method"] for r in rows}]
+    if missing:
+        lines += [
+            "",
+            f"**Incomplete**: {', '.join(missing)} had not finished when this was written (not measured here).",
+        ]
     lines += ["", "Methods:", ""]
     lines += [f"- **{r['method']}**: {r['description']}" for r in rows]
     lines += [

@@ -489,6 +489,16 @@ class EvalConfig:
         check(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
 
 
+def tiny_compress_config() -> CompressConfig:
+    """Every compressed variant of the full report on a test-sized budget (``--preset tiny --full-report``)."""
+    return CompressConfig(
+        prune=PruneConfig(score_batches=1, recovery_epochs=0),
+        distill=DistillConfig(student_layers=(0, 2, 4), epochs=1, max_steps=4),
+        prune_student=PruneConfig(ffn_keep_fraction=0.75, score_batches=1, recovery_epochs=0),
+        magnitude=MagnitudePruneConfig(steps=1, recovery_steps_per_round=2),
+    )
+
+
 #: The extra INT8 recipes of the full report (measured beside the served one, never served).
 REPORT_INT8_RECIPES = (
     QuantizeConfig(mode="dynamic", per_channel=False),
@@ -545,14 +555,24 @@ class BuildConfig:
         for v in self.served_variants:
             check(v in PRECISIONS, f"served variant must be one of {PRECISIONS}, got {v!r}")
 
-    def with_full_report(self) -> BuildConfig:
-        """This build plus the full report: every INT8 recipe, throughput rounds, methods, compression."""
+    def with_full_report(self, tiny: bool = False) -> BuildConfig:
+        """This build plus the full report: every INT8 recipe, throughput rounds, methods, compression.
+
+        ``tiny=True`` (``--preset tiny --full-report``) keeps every section but gives it a test-sized budget: one
+        short throughput round per batch size and compression with a few recovery steps; the method comparison
+        inherits the tiny build's step cap.
+        """
+        evaluate = dataclasses.replace(self.evaluate, throughput=True)
+        compress = self.compress or CompressConfig()
+        if tiny:
+            evaluate = dataclasses.replace(evaluate, repeats=1, seconds_per_repeat=0.2)
+            compress = self.compress or tiny_compress_config()
         return dataclasses.replace(
             self,
             report_variants=REPORT_INT8_RECIPES,
-            evaluate=dataclasses.replace(self.evaluate, throughput=True),
+            evaluate=evaluate,
             compare_methods=True,
-            compress=self.compress or CompressConfig(),
+            compress=compress,
         )
 
     @staticmethod

@@ -266,12 +266,12 @@ def stage_compress(ctx: BuildContext) -> None:
     k_merge = ctx.keys["merged"]
     bars = ctx.progress.bars
 
-    def model_stage(name: str, key: str, make) -> Path:
+    def model_stage(name: str, key: str, make, passes: float) -> Path:
         def run(d: Path) -> None:
             make(d / "hf")
             export_onnx(cfg.export, d / "hf", d / "model.onnx", ctx.parity_texts)
 
-        d = ctx.cache.run(f"compress/{name}", key, run, eta=(None, "minutes: recovery training"), detail=name)
+        d = ctx.cache.run(f"compress/{name}", key, run, eta=_compress_eta(ctx, passes), detail=name)
         m = json.loads((d / "hf" / "merge.json").read_text())
         meta[name] = {k: v for k, v in m.items() if k not in ("labels",)}
         ctx.variant_paths[name] = d / "model.onnx"
@@ -297,7 +297,12 @@ def stage_compress(ctx: BuildContext) -> None:
 
     merged = ctx.merged_dir
     k_pruned = config_hash(k_merge, cc.prune)
-    pd = model_stage("pruned", k_pruned, lambda out: structured_prune(cc.prune, merged, data, out, progress=bars))
+    pd = model_stage(
+        "pruned",
+        k_pruned,
+        lambda out: structured_prune(cc.prune, merged, data, out, progress=bars),
+        _prune_passes(cc.prune),
+    )
     pm = meta["pruned"]
     pm["note"] = (
         f"FFN neurons kept: {pm['intermediate_size'][1]} of {pm['intermediate_size'][0]} per layer, "
@@ -305,12 +310,20 @@ def stage_compress(ctx: BuildContext) -> None:
     )
     int8_stage("pruned-int8", pd / "model.onnx", k_pruned)
     k_dist = config_hash(k_merge, cc.distill)
-    dd = model_stage("distilled", k_dist, lambda out: distill(cc.distill, merged, data, out, progress=bars))
+    dd = model_stage(
+        "distilled",
+        k_dist,
+        lambda out: distill(cc.distill, merged, data, out, progress=bars),
+        _distill_passes(cc.distill, len(data.train)),
+    )
     meta["distilled"]["note"] = f"student keeps layers {list(cc.distill.student_layers)} of the teacher"
     int8_stage("distilled-int8", dd / "model.onnx", k_dist)
     k_dp = config_hash(k_dist, cc.prune_student)
     dp = model_stage(
-        "distilled-pruned", k_dp, lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=bars)
+        "distilled-pruned",
+        k_dp,
+        lambda out: structured_prune(cc.prune_student, dd / "hf", data, out, progress=bars),
+        _prune_passes(cc.prune_student),
     )
     dm = meta["distilled-pruned"]
     dm["note"] = f"distilled student, then FFN {dm['intermediate_size'][1]}/{dm['intermediate_size'][0]} neurons"
@@ -320,10 +333,47 @@ def stage_compress(ctx: BuildContext) -> None:
             "sparse",
             config_hash(k_merge, cc.magnitude),
             lambda out: magnitude_prune(cc.magnitude, merged, data, out, progress=bars),
+            _steps_as_passes(cc.magnitude.steps * cc.magnitude.recovery_steps_per_round, cc.magnitude.batch_size, data),
         )
         meta["sparse"]["note"] = (
             f"{100 * meta['sparse']['sparsity']:.0f}% of encoder weights are zero; dense kernels gain no speed from it"
         )
+
+
+def _prune_passes(p) -> float:
+    """Training-set passes of a structured pruning stage (recovery epochs with their perturbed copies)."""
+    return p.recovery_epochs * (1 + p.augment_copies)
+
+
+def _distill_passes(d, n_train: int) -> float:
+    passes = d.epochs * (1 + d.augment_copies)
+    if d.max_steps is not None:
+        passes = min(passes, d.max_steps * d.batch_size / max(1, n_train))
+    return passes
+
+
+def _steps_as_passes(steps: int, batch_size: int, data: Dataset) -> float:
+    return steps * batch_size / max(1, len(data.train))
+
+
+#: one LoRA training pass over one short text on 2 cores (TREC: ~90 s for 3,766 questions)
+_SECONDS_PER_TRAINING_TEXT = 0.025
+#: compression recovery trains every weight and runs the teacher too: ~this many times a LoRA step's cost
+_RECOVERY_COST = 2.0
+
+
+def _compress_eta(ctx: BuildContext, passes: float) -> tuple[float | None, str]:
+    """A compression stage's ETA from this build's own training speed (seconds per pass over the training texts)."""
+    try:
+        trained = json.loads((ctx.cache.path("train") / "train.json").read_text())
+        # epoch_seconds are full-epoch times (a step-capped epoch is extrapolated to the whole split)
+        per_pass = float(sum(trained["epoch_seconds"])) / len(trained["epoch_seconds"])
+    except Exception:  # noqa: BLE001 - an ETA is never worth failing a build for
+        per_pass = _SECONDS_PER_TRAINING_TEXT * len(ctx.data.train) * ctx.size_factor()
+        basis = "estimate from the training-set and base-model size"
+    else:
+        basis = "rough: this build's training epoch time x recovery passes"
+    return _RECOVERY_COST * per_pass * passes + _STAGE_SECONDS["onnx"] * ctx.size_factor(), basis
 
 
 def stage_evaluate(ctx: BuildContext) -> list[dict]:

@@ -80,3 +80,52 @@ def test_selection_metric_auto_picks_macro_f1_for_imbalanced_labels():
     assert scoring.resolve_selection_metric("auto", imbalanced, 2, [0] * 50 + [1] * 20)[0] == "macro_f1"
     weights = scoring.balanced_class_weights(imbalanced, 2)
     assert weights == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])
+
+
+def _length_report(path, max_length, truncated, acc, f1, epochs_run, epoch_seconds):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    variant = {"accuracy": acc, "macro_f1": f1, "per_class": {"spam": {"precision": 0.5, "recall": f1}}}
+    path.write_text(
+        json.dumps(
+            {
+                "variants": [{"name": "fp32", **variant}, {"name": "int8", **variant}],
+                "token_lengths": {
+                    "train": {"max_length": max_length, "truncated_share": truncated},
+                    "test": {"max_length": max_length, "truncated_share": truncated},
+                },
+                "train": {
+                    "max_epochs": 8,
+                    "epochs_run": epochs_run,
+                    "best_epoch": epochs_run - 2,
+                    "stopped_early": epochs_run < 8,
+                    "selection_metric": "macro_f1",
+                    "epoch_seconds": epoch_seconds,
+                    "train_seconds": sum(epoch_seconds),
+                    "seconds_to_best": sum(epoch_seconds[:-2]),
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_length_summary_compares_auto_with_the_best_hand_picked_length(tmp_path):
+    from service.modelprep.report import render_length_runs, summarize_length_runs
+
+    reports = {
+        "64": _length_report(tmp_path / "a.json", 64, 0.9, 0.85, 0.62, 6, [10.0] * 6),
+        "auto": _length_report(tmp_path / "b.json", 240, 0.05, 0.96, 0.93, 5, [30.0, 40.0, 50.0, 60.0, 70.0]),
+        "256": _length_report(tmp_path / "c.json", 256, 0.04, 0.97, 0.94, 8, [50.0] * 8),
+    }
+    s = summarize_length_runs(reports, positive="spam")
+    assert s["best_setting"] == "256" and s["best_hand_picked"] == "256"
+    assert s["auto_minus_best_hand_picked_points"] == {"int8_macro_f1": -1.0, "int8_accuracy": -1.0}
+    rows = {r["setting"]: r for r in s["rows"]}
+    assert rows["auto"]["seconds_saved_by_early_stopping"] == 3 * 50.0  # 3 epochs skipped x median epoch
+    assert rows["256"]["seconds_saved_by_early_stopping"] == 0.0
+    assert rows["64"]["int8_spam_recall"] == 0.62
+    md = render_length_runs(s, positive="spam").splitlines()
+    assert [line.split("|")[1].strip() for line in md[2:]] == ["64", "auto", "256"]  # ordered by tokens
+    assert "90.0% / 90.0%" in md[2] and "5 / 8 (3)" in md[3]

@@ -402,6 +402,56 @@ DESCRIPTIONS = {
 }
 
 
+def goals(data: dict) -> list[dict]:
+    """The gateway's goals against Triton direct in this run (docs/benchmarks.md), each with its verdict.
+
+    Computed from the medians of the run, so the page cannot claim what the run did not show. A goal whose
+    contenders did not both run is left out.
+    """
+    cell = {(r["contender"], r["concurrency"]): r for r in data.get("summary", [])}
+    out = []
+
+    def add(goal: str, result: str, met: bool) -> None:
+        out.append({"goal": goal, "result": result, "met": bool(met)})
+
+    tri64, tri16, tri1 = cell.get(("triton", 64)), cell.get(("triton", 16)), cell.get(("triton", 1))
+    for name, label, want in (("gateway-int8", "REST", 1.1), ("gateway-grpc", "gRPC", 1.2)):
+        gw = cell.get((name, 64))
+        if gw and tri64 and gw["rps"] and tri64["rps"]:
+            ratio = gw["rps"] / tri64["rps"]
+            add(
+                f"64 clients: gateway {label} ≥ {want}× Triton direct's throughput, P99 no worse",
+                f"{gw['rps']} vs {tri64['rps']} req/s ({ratio:.2f}×); P99 {gw['p99_ms']} vs {tri64['p99_ms']} ms",
+                ratio >= want and gw["p99_ms"] <= tri64["p99_ms"],
+            )
+    for name, label in (("gateway-int8", "REST"), ("gateway-grpc", "gRPC")):
+        gw = cell.get((name, 16))
+        if gw and tri16:
+            add(
+                f"16 clients: gateway {label} P99 ≤ Triton direct's",
+                f"{gw['p99_ms']} vs {tri16['p99_ms']} ms",
+                gw["p99_ms"] <= tri16["p99_ms"],
+            )
+        gw1 = cell.get((name, 1))
+        if gw1 and tri1:
+            add(
+                f"1 client: gateway {label} P50 ≤ Triton direct's + 1 ms",
+                f"{gw1['p50_ms']} vs {tri1['p50_ms']} ms (+{gw1['p50_ms'] - tri1['p50_ms']:.1f} ms)",
+                gw1["p50_ms"] <= tri1["p50_ms"] + 1.0,
+            )
+    many = data.get("many_texts") or {}
+    best = (data.get("ceiling") or {}).get("best_sequences_per_second")
+    for r in many.get("summary", []):
+        if best and r["contender"].startswith("gateway") and r.get("share_of_ceiling") is not None:
+            add(
+                f"{many['texts_per_request']} texts per request ({r['contender']}): ≥ 70% of the in-process ceiling",
+                f"{r['texts_per_second']} texts/s = {100 * r['share_of_ceiling']:.0f}% of "
+                f"{best:g}",
+                r["share_of_ceiling"] >= 0.7,
+            )
+    return out
+
+
 def render_markdown(data: dict, image_dir: str) -> str:
     """The results as Markdown (used for the results file and for docs/benchmarks.md).
 
@@ -517,6 +567,16 @@ def render_markdown(data: dict, image_dir: str) -> str:
                 f"{r['texts_per_second_max']} | {share} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | "
                 f"{r['mean_batch'] if r['mean_batch'] is not None else '–'} |"
             )
+    checked = goals(data)
+    if checked:
+        lines += [
+            "",
+            "### Goals against Triton direct (computed from this run's medians)",
+            "",
+            "| goal | this run | verdict |",
+            "|---|---|---|",
+            *(f"| {g['goal']} | {g['result']} | {'met' if g['met'] else '**missed**'} |" for g in checked),
+        ]
     for f in data.get("failed", []):
         lines.append(f"\n**{f['contender']} did not run:** {f['error']}")
     for n in data.get("notes", []):

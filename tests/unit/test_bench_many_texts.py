@@ -71,3 +71,30 @@ def test_rounds_are_summarized_as_medians_with_the_share_of_the_ceiling():
     }
     text = compare.render_markdown(data, ".")
     assert "### 32 texts per request" in text and "| gateway-int8 | 700.0 | 600.0–800.0 | 70 % |" in text
+
+
+def test_goals_are_judged_from_the_medians_of_the_run():
+    def row(name, c, rps, p50, p99):
+        return {"contender": name, "concurrency": c, "rps": rps, "p50_ms": p50, "p99_ms": p99}
+
+    data = {
+        "summary": [
+            row("triton", 64, 400.0, 150.0, 220.0),
+            row("gateway-int8", 64, 480.0, 130.0, 200.0),  # 1.2x and a lower P99: met
+            row("gateway-grpc", 64, 450.0, 140.0, 230.0),  # 1.125x < 1.2x: missed
+            row("triton", 1, 90.0, 6.0, 9.0),
+            row("gateway-int8", 1, 120.0, 6.9, 10.0),  # +0.9 ms: met
+        ],
+        "ceiling": {"best_sequences_per_second": 1000.0},
+        "many_texts": {
+            "texts_per_request": 32,
+            "summary": [{"contender": "gateway-int8", "texts_per_second": 650.0, "share_of_ceiling": 0.65}],
+        },
+    }
+    verdicts = {g["goal"]: g["met"] for g in compare.goals(data)}
+    assert verdicts == {
+        "64 clients: gateway REST ≥ 1.1× Triton direct's throughput, P99 no worse": True,
+        "64 clients: gateway gRPC ≥ 1.2× Triton direct's throughput, P99 no worse": False,
+        "1 client: gateway REST P50 ≤ Triton direct's + 1 ms": True,
+        "32 texts per request (gateway-int8): ≥ 70% of the in-process ceiling": False,
+    }

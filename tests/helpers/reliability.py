@@ -190,6 +190,14 @@ def render(data: dict[str, Any]) -> str:
             "guard. Until a variant has seen 8 batches, only the count bound applies."
         ),
         (
+            "- **Feedback from the outcome.** The service-time model sees only the batch; on a busy machine an "
+            "admitted request also waits for the event loop and the CPU. So the budget corrects itself from the "
+            "latency of answered requests (Clipper's AIMD, applied to the admission budget): every 100 answers, if "
+            "more than 1% of them missed the SLO the budget shrinks x0.8 (floor 0.5 of the configured one); if even "
+            "the slowest used less than 90% of the SLO it grows back by 0.05. Outages and the recovery grace period "
+            "do not count. Exported as `gateway_admission_budget_scale`, shown in `GET /v1/models`."
+        ),
+        (
             "- **Batches that meet deadlines.** A batch is the largest arrival-order prefix of its length bucket whose "
             "predicted finish meets the earliest deadline in it; no wait when the backend is idle; length buckets "
             "keep short texts from being padded to long ones."

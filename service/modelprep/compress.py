@@ -176,6 +176,9 @@ def _distill_loop(
             if best is None or acc > best:
                 best, best_state = acc, copy.deepcopy(student.state_dict())
         history.append(rec)
+        if not progress:  # --quiet: no bars, but every epoch still says where it is
+            acc_txt = f", validation accuracy {rec['validation_accuracy']:.4f}" if "validation_accuracy" in rec else ""
+            print(f"[modelprep] {desc} epoch {epoch + 1}/{epochs}: {rec['seconds']:.0f} s{acc_txt}", flush=True)
         if max_steps is not None and step >= max_steps:
             break
     if best_state is not None:

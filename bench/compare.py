@@ -445,8 +445,7 @@ def goals(data: dict) -> list[dict]:
         if best and r["contender"].startswith("gateway") and r.get("share_of_ceiling") is not None:
             add(
                 f"{many['texts_per_request']} texts per request ({r['contender']}): ≥ 70% of the in-process ceiling",
-                f"{r['texts_per_second']} texts/s = {100 * r['share_of_ceiling']:.0f}% of "
-                f"{best:g}",
+                f"{r['texts_per_second']} texts/s = {100 * r['share_of_ceiling']:.0f}% of {best:g}",
                 r["share_of_ceiling"] >= 0.7,
             )
     return out

@@ -138,6 +138,9 @@ class TrainResult:
     stopped_early: bool = False
     train_seconds: float = 0.0
     seconds_to_best: float | None = None
+    #: this process's CPU seconds (all threads): unlike wall time, not inflated by a paused or shared machine
+    cpu_seconds_to_best: float | None = None
+    train_cpu_seconds: float = 0.0
 
 
 def train(
@@ -216,8 +219,11 @@ def train(
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
     seconds_to_best: float | None = None
+    cpu_seconds_to_best: float | None = None
+    epoch_walls: list[float] = []
     stale = 0
     started = time.perf_counter()
+    cpu_started = time.process_time()
     stop = stopped_early = False
     eta_said = False
     has_val = len(data.validation) > 0
@@ -278,10 +284,13 @@ def train(
                 best_score, best_acc, best_epoch = current, rec["validation_accuracy"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 seconds_to_best = time.perf_counter() - started
+                cpu_seconds_to_best = time.process_time() - cpu_started
                 stale = 0
             else:
                 stale += 1
         rec["seconds_total"] = time.perf_counter() - started
+        rec["cpu_seconds_total"] = time.process_time() - cpu_started
+        epoch_walls.append(time.perf_counter() - t0)
         history.append(rec)
         left_epochs = cfg.epochs - epoch - 1
         if cfg.patience and has_val and stale >= cfg.patience and left_epochs > 0 and not stop:
@@ -295,13 +304,16 @@ def train(
         if stopped_early:
             tail = f"; stopping early: no {metric} gain for {cfg.patience} epochs, keeping epoch {best_epoch}"
         elif left_epochs > 0 and not stop:
-            tail = f"; ETA <= {fmt_seconds(left_epochs * (time.perf_counter() - t0))} for {left_epochs} more"
+            # the median epoch: one epoch stretched by a paused (SIGSTOP) or crowded machine does not set the ETA
+            per_epoch = sorted(epoch_walls)[(len(epoch_walls) - 1) // 2]
+            tail = f"; ETA <= {fmt_seconds(left_epochs * per_epoch)} for {left_epochs} more"
         else:
             tail = ""
         prog.line(f"train epoch {epoch + 1}/{cfg.epochs}: loss {running:.3f}{val}, {fmt_seconds(elapsed)}{tail}")
         if stop:
             break
     train_seconds = time.perf_counter() - started
+    train_cpu_seconds = time.process_time() - cpu_started
     if best_state is not None:
         model.load_state_dict(best_state)
 
@@ -321,6 +333,8 @@ def train(
         stopped_early=stopped_early,
         train_seconds=train_seconds,
         seconds_to_best=seconds_to_best,
+        cpu_seconds_to_best=cpu_seconds_to_best,
+        train_cpu_seconds=train_cpu_seconds,
     )
     (output_dir / "train.json").write_text(
         json.dumps(
@@ -343,6 +357,8 @@ def train(
                 "stopped_early": stopped_early,
                 "train_seconds": train_seconds,
                 "seconds_to_best": seconds_to_best,
+                "cpu_seconds_to_best": cpu_seconds_to_best,
+                "train_cpu_seconds": train_cpu_seconds,
                 "class_weights": weights,
                 "token_lengths": lengths_info,
                 "history": history,

@@ -29,13 +29,53 @@ def test_compare_methods_reports_every_field_for_every_method(tmp_path):
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["test_macro_f1"] <= 1.0
         assert r["seconds_to_best_epoch"] > 0 and r["peak_rss_mib"] > r["rss_before_training_mib"] > 0
         assert r["best_epoch"] == 1 and set(r["per_class"]) == set(data.label_names)
+        assert 0 < r["cpu_seconds_to_best_epoch"] <= r["train_cpu_seconds"]
     assert rows["full"]["trainable_fraction"] == 1.0
     assert rows["layered+lora"]["trainable_parameters"] < rows["lora"]["trainable_parameters"]
     assert rows["layered+lora"]["config"]["freeze_layers"] == 4  # 2/3 of MiniLM's 6 layers, as the reference froze
     md = (tmp_path / "m" / "methods.md").read_text()
     assert "| full |" in md and "Machine:" in md and "s to best epoch" in md
     assert (tmp_path / "m" / "methods.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "m" / "methods.json").read_text())["machine"]["cores"] >= 1
+    written = json.loads((tmp_path / "m" / "methods.json").read_text())
+    assert written["machine"]["cores"] >= 1 and written["complete"] is True
+    assert "Incomplete" not in md
+
+
+def test_compare_report_of_an_unfinished_run_names_what_is_missing_and_stretched_epochs():
+    from service.modelprep.compare import median_seconds_to_best, render_markdown
+
+    row = {
+        "method": "layered",
+        "description": "d",
+        "test_accuracy": 0.9,
+        "test_macro_f1": 0.8,
+        "trainable_parameters": 10,
+        "trainable_fraction": 0.1,
+        "best_epoch": 2,
+        "epochs_run": 4,
+        "seconds_to_best_epoch": 700.0,
+        "train_seconds": 760.0,
+        "median_epoch_seconds": 20.0,
+        "peak_rss_mib": 800.0,
+        "rss_before_training_mib": 200.0,
+        "selection_metric": "accuracy",
+        "history": [{"epoch": 1, "seconds": 20.0}, {"epoch": 2, "seconds": 680.0}, {"epoch": 3, "seconds": 20.0}],
+    }
+    result = {
+        "machine": {"cpu": "x", "cores": 2, "memory_gib": 1.0, "cpu_flags": "", "os": "Linux"},
+        "dataset": {"name": "trec", "sizes": {}, "data_hash": "h"},
+        "built_at": "t",
+        "base_model": "/m",
+        "epochs": 8,
+        "patience": 2,
+        "methods_requested": ["layered", "full"],
+        "methods": [row],
+    }
+    assert median_seconds_to_best(row) == 40.0
+    md = render_markdown(result)
+    assert "| 700 | 40 | – |" in md  # wall, best epoch x median epoch, no CPU seconds recorded
+    assert "**Incomplete**: full had not finished" in md
+    assert "layered epoch 2 took 680 s (median 20 s)" in md
 
 
 def _mpnet_or_skip():

@@ -40,6 +40,11 @@ SAME_INPUT_ATOL = {"int8": 1e-4, "fp16": 1e-2}
 # the same Triton batch included, so its logits move with batch composition (seen up to 0.053 on the tiny test
 # model's logits): bounded here rather than hidden (docs/triton.md).
 PADDED_ATOL = {"int8": 1e-1, "fp16": 1e-2}
+# When Triton merges a request with companions the test does not choose (how many queued behind a busy instance
+# depends on the machine's load), the INT8 activation scales come from a batch the reference never saw: measured
+# up to 0.104 on a loaded 2-core machine with the tiny test model, and ~0.5 with a trained model whose logits
+# span ~15. So the bound scales with the row's logit spread, and the answer itself (argmax) must not move.
+MERGED_INT8_SPREAD_FRACTION = 0.1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 WORDS = [
@@ -317,23 +322,36 @@ def test_dynamic_batcher_merges_requests_of_different_lengths(triton_server, tok
     requests = [_encode(tokenizer, [text]) for text in texts]
     # All lengths distinct: without ragged batching Triton could not merge any two of them.
     assert len({ids.shape[1] for ids, _ in requests}) == len(requests)
+    # A full batch sent first keeps the instance busy, so the requests behind it queue up and must be merged. (The
+    # config's queue delay is deliberately tiny: Triton is the second batcher behind the gateway, and this test
+    # must not depend on it waiting for companions.)
+    blocker = _encode(tokenizer, texts[:1] * 64, pad_to=64)
     inference_before, executions_before = _stats(triton_server, model)
 
-    results = asyncio.run(_aio_infer_many(triton_server.grpc_url, model, requests))
+    results = asyncio.run(_aio_infer_many(triton_server.grpc_url, model, [blocker, *requests]))[1:]
 
-    errors = [r for r in results if isinstance(r, BaseException)]
+    errors = [str(r) for r in results if isinstance(r, BaseException)]
     assert not errors, errors[:3]
     inference_after, executions_after = _stats(triton_server, model)
     inferences = inference_after - inference_before
     executions = executions_after - executions_before
-    assert inferences == len(requests)
+    assert inferences == 64 + len(requests)
     # Fewer model executions than requests: ragged requests were batched by Triton.
-    assert executions < inferences, f"{executions} executions for {inferences} requests: no batching"
-    for (ids, mask), logits in zip(requests, results, strict=False):
+    assert executions < 1 + len(requests), f"{executions} executions for {len(requests)} + 1 requests: no batching"
+    for (ids, mask), logits in zip(requests, results, strict=True):
         assert logits.shape[0] == 1
-        np.testing.assert_allclose(
-            logits, _reference(reference_sessions, variant, ids, mask), rtol=0, atol=PADDED_ATOL[variant]
-        )
+        _assert_close_after_merging(logits, _reference(reference_sessions, variant, ids, mask), variant)
+
+
+def _assert_close_after_merging(logits: np.ndarray, expected: np.ndarray, variant: str) -> None:
+    """Logits of a request Triton merged with unknown companions match the request run alone (see the constants)."""
+    atol = PADDED_ATOL[variant]
+    if variant == "int8":
+        atol = max(atol, MERGED_INT8_SPREAD_FRACTION * float(np.ptp(expected)))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=atol)
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * atol
+    assert (logits.argmax(1)[clear] == expected.argmax(1)[clear]).all()
 
 
 def test_bad_request_fails_alone(triton_server, tokenizer, reference_sessions):
@@ -345,9 +363,7 @@ def test_bad_request_fails_alone(triton_server, tokenizer, reference_sessions):
     results = asyncio.run(_aio_infer_many(triton_server.grpc_url, model, [good, too_long, bad_mask, good]))
 
     for index in (0, 3):
-        np.testing.assert_allclose(
-            results[index], _reference(reference_sessions, "int8", *good), rtol=0, atol=PADDED_ATOL["int8"]
-        )
+        _assert_close_after_merging(results[index], _reference(reference_sessions, "int8", *good), "int8")
     for index, expected in ((1, "exceeds max_sequence_length"), (2, "0 or 1")):
         assert isinstance(results[index], InferenceServerException)
         assert expected in results[index].message()

@@ -61,12 +61,20 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-column", default="label", help="label column name in your files (default: label)")
     g.add_argument("--validation-fraction", type=float, default=0.1, help="share held out for model selection")
     g.add_argument("--test-fraction", type=float, default=0.2, help="share held out for the final test")
-    g.add_argument("--seed", type=int, default=13, help="seed of the split, initialization and batch order")
+    g.add_argument(
+        "--seed", type=int, default=13, help="seed of the split (and of training unless --train-seed is given)"
+    )
     g.add_argument("--max-train-samples", type=int, help="stratified cap on training examples (quick builds)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning")
+    g.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed of initialization, dropout and batch order alone, on the --seed split (default: --seed); "
+        "repeat a build with several to see training noise",
+    )
     g.add_argument(
         "--method",
         default="lora",
@@ -348,7 +356,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         "patience": a.patience or None,
         "selection_metric": a.selection_metric,
         "class_weights": a.class_weights,
-        "seed": a.seed,
+        "seed": a.seed if a.train_seed is None else a.train_seed,
     }
     if a.epochs is not None:
         kw["epochs"] = a.epochs

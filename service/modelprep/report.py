@@ -241,6 +241,40 @@ def write_report(report: dict, out_dir: Path) -> Path:
     return out_dir / "report.json"
 
 
+def _length_row(setting: str, path: Path, positive: str | None) -> dict:
+    """One build's row for the ``--max-length`` comparison (see ``summarize_length_runs``)."""
+    import statistics
+
+    r = json.loads(Path(path).read_text())
+    v = {x["name"]: x for x in r["variants"]}
+    t, lengths = r["train"], r["token_lengths"]
+    skipped = t["max_epochs"] - t["epochs_run"]
+    median_epoch = statistics.median(t["epoch_seconds"]) if t["epoch_seconds"] else 0.0
+    row = {
+        "setting": setting,
+        "max_length": lengths["train"]["max_length"],
+        "truncated_train": lengths["train"]["truncated_share"],
+        "truncated_test": lengths["test"]["truncated_share"],
+        "fp32_accuracy": v["fp32"]["accuracy"],
+        "fp32_macro_f1": v["fp32"]["macro_f1"],
+        "int8_accuracy": v["int8"]["accuracy"],
+        "int8_macro_f1": v["int8"]["macro_f1"],
+        "epochs_run": t["epochs_run"],
+        "max_epochs": t["max_epochs"],
+        "best_epoch": t["best_epoch"],
+        "stopped_early": t["stopped_early"],
+        "selection_metric": t["selection_metric"],
+        "train_seconds": t["train_seconds"],
+        "seconds_to_best": t["seconds_to_best"],
+        "seconds_saved_by_early_stopping": skipped * median_epoch,
+        "report": str(path),
+    }
+    if positive:
+        pc = v["int8"]["per_class"][positive]
+        row[f"int8_{positive}_precision"], row[f"int8_{positive}_recall"] = pc["precision"], pc["recall"]
+    return row
+
+
 def summarize_length_runs(reports: dict[str, Path], positive: str | None = None) -> dict:
     """One row per build of the same data at different ``--max-length`` settings (``{setting: report.json}``).
 
@@ -249,38 +283,7 @@ def summarize_length_runs(reports: dict[str, Path], positive: str | None = None)
     training seconds, and the seconds early stopping saved (epochs skipped x the run's median epoch time). The
     summary also says which setting scored best on INT8 macro-F1 and how far ``auto`` is from it, in points.
     """
-    import statistics
-
-    rows = []
-    for setting, path in reports.items():
-        r = json.loads(Path(path).read_text())
-        v = {x["name"]: x for x in r["variants"]}
-        t, lengths = r["train"], r["token_lengths"]
-        skipped = t["max_epochs"] - t["epochs_run"]
-        median_epoch = statistics.median(t["epoch_seconds"]) if t["epoch_seconds"] else 0.0
-        row = {
-            "setting": setting,
-            "max_length": lengths["train"]["max_length"],
-            "truncated_train": lengths["train"]["truncated_share"],
-            "truncated_test": lengths["test"]["truncated_share"],
-            "fp32_accuracy": v["fp32"]["accuracy"],
-            "fp32_macro_f1": v["fp32"]["macro_f1"],
-            "int8_accuracy": v["int8"]["accuracy"],
-            "int8_macro_f1": v["int8"]["macro_f1"],
-            "epochs_run": t["epochs_run"],
-            "max_epochs": t["max_epochs"],
-            "best_epoch": t["best_epoch"],
-            "stopped_early": t["stopped_early"],
-            "selection_metric": t["selection_metric"],
-            "train_seconds": t["train_seconds"],
-            "seconds_to_best": t["seconds_to_best"],
-            "seconds_saved_by_early_stopping": skipped * median_epoch,
-            "report": str(path),
-        }
-        if positive:
-            pc = v["int8"]["per_class"][positive]
-            row[f"int8_{positive}_precision"], row[f"int8_{positive}_recall"] = pc["precision"], pc["recall"]
-        rows.append(row)
+    rows = [_length_row(setting, path, positive) for setting, path in reports.items()]
     best = max(rows, key=lambda x: x["int8_macro_f1"])
     hand = [x for x in rows if x["setting"] != "auto"]
     auto = next((x for x in rows if x["setting"] == "auto"), None)
@@ -292,6 +295,109 @@ def summarize_length_runs(reports: dict[str, Path], positive: str | None = None)
             m: round(100 * (auto[m] - best_hand[m]), 2) for m in ("int8_macro_f1", "int8_accuracy")
         }
     return out
+
+
+#: The test scores aggregated over training seeds by ``summarize_length_seed_runs``.
+SEED_METRICS = ("int8_macro_f1", "int8_accuracy", "fp32_macro_f1", "fp32_accuracy")
+
+
+def summarize_length_seed_runs(reports: dict[str, dict[int, Path]], positive: str | None = None) -> dict:
+    """``summarize_length_runs`` repeated over training seeds on one split: ``{setting: {train_seed: report.json}}``.
+
+    Training noise (initialization, dropout, batch order) on a small data set can move a score by more than the
+    difference between two settings, so one seed per setting cannot say which is better. Each setting gets the
+    mean, sample standard deviation, min and max over its seeds of every score in ``SEED_METRICS``; the best
+    setting is the one with the highest mean INT8 macro-F1, and ``auto`` is compared with the best hand-picked
+    setting by the difference of means and, seed by seed (same split, same seed: paired), by the per-seed
+    differences. Reports that carry their config must share one data config (the same split) and the seed they
+    are filed under.
+
+    Raises:
+        ValueError: a report's training seed differs from its key, or the runs were made on different splits.
+    """
+    import statistics
+
+    rows, data_configs = [], set()
+    for setting, runs in reports.items():
+        for seed, path in sorted(runs.items()):
+            cfg = json.loads(Path(path).read_text()).get("config")
+            if cfg:
+                if cfg["train"]["seed"] != seed:
+                    raise ValueError(f"{path}: training seed {cfg['train']['seed']}, filed under seed {seed}")
+                data_configs.add(json.dumps(cfg["data"], sort_keys=True))
+            rows.append({**_length_row(setting, path, positive), "train_seed": seed})
+    if len(data_configs) > 1:
+        raise ValueError(f"the runs were made on {len(data_configs)} different data configs (splits)")
+    settings = []
+    for setting in reports:
+        rs = [x for x in rows if x["setting"] == setting]
+        agg = {
+            "setting": setting,
+            "max_length": sorted({x["max_length"] for x in rs}),
+            "truncated_train": max(x["truncated_train"] for x in rs),
+            "truncated_test": max(x["truncated_test"] for x in rs),
+            "seeds": [x["train_seed"] for x in rs],
+            "epochs_run": [x["epochs_run"] for x in rs],
+            "best_epoch": [x["best_epoch"] for x in rs],
+            "max_epochs": rs[0]["max_epochs"],
+            "train_seconds": [x["train_seconds"] for x in rs],
+        }
+        for m in SEED_METRICS:
+            vals = [x[m] for x in rs]
+            agg[m] = {
+                "mean": statistics.fmean(vals),
+                "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "min": min(vals),
+                "max": max(vals),
+            }
+        settings.append(agg)
+    best = max(settings, key=lambda x: x["int8_macro_f1"]["mean"])
+    out = {"rows": rows, "settings": settings, "best_setting": best["setting"]}
+    hand = [x for x in settings if x["setting"] != "auto"]
+    auto = next((x for x in settings if x["setting"] == "auto"), None)
+    if auto and hand:
+        best_hand = max(hand, key=lambda x: x["int8_macro_f1"]["mean"])
+        out["best_hand_picked"] = best_hand["setting"]
+        out["auto_minus_best_hand_picked_points"] = {
+            m: round(100 * (auto[m]["mean"] - best_hand[m]["mean"]), 2) for m in ("int8_macro_f1", "int8_accuracy")
+        }
+        by_seed = {(x["setting"], x["train_seed"]): x for x in rows}
+        out["auto_minus_best_hand_picked_points_per_seed"] = {
+            str(seed): round(
+                100 * (by_seed["auto", seed]["int8_macro_f1"] - by_seed[best_hand["setting"], seed]["int8_macro_f1"]), 2
+            )
+            for seed in auto["seeds"]
+            if (best_hand["setting"], seed) in by_seed
+        }
+        out["auto_within_1_point_of_best_hand_picked"] = (
+            out["auto_minus_best_hand_picked_points"]["int8_macro_f1"] >= -1.0
+        )
+    return out
+
+
+def render_length_seed_runs(summary: dict) -> str:
+    """The per-setting aggregate of ``summarize_length_seed_runs`` as a Markdown table (mean ± sd, min-max)."""
+
+    def cell(a: dict) -> str:
+        return f"{a['mean']:.4f} ± {a['sd']:.4f} ({a['min']:.4f}-{a['max']:.4f})"
+
+    head = (
+        "| --max-length | tokens | truncated (train / test) | seeds | INT8 macro-F1 mean ± sd (min-max) "
+        "| INT8 acc mean ± sd (min-max) | FP32 macro-F1 mean | epochs run (best) per seed | training s per seed |"
+    )
+    lines = [
+        head,
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in sorted(summary["settings"], key=lambda x: x["max_length"][0]):
+        epochs = ", ".join(f"{r} ({b})" for r, b in zip(x["epochs_run"], x["best_epoch"], strict=True))
+        lines.append(
+            f"| {x['setting']} | {'/'.join(str(n) for n in x['max_length'])} "
+            f"| {100 * x['truncated_train']:.1f}% / {100 * x['truncated_test']:.1f}% "
+            f"| {', '.join(str(s) for s in x['seeds'])} | {cell(x['int8_macro_f1'])} | {cell(x['int8_accuracy'])} "
+            f"| {x['fp32_macro_f1']['mean']:.4f} | {epochs} | {', '.join(f'{s:.0f}' for s in x['train_seconds'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def render_length_runs(summary: dict, positive: str | None = None) -> str:

@@ -80,3 +80,10 @@ def test_compression_stages_get_an_eta_from_the_builds_own_training_speed(tmp_pa
     assert _distill_passes(cc.distill, 1000) == cc.distill.epochs * 2
     assert _distill_passes(DistillConfig(max_steps=4, batch_size=32), 1000) == 4 * 32 / 1000
     assert _prune_passes(PruneConfig(recovery_epochs=0)) == 0
+
+
+def test_train_seed_varies_training_alone_on_the_same_split():
+    cfg = _cfg("--seed", "13", "--train-seed", "14")
+    assert cfg.data.seed == 13 and cfg.train.seed == 14
+    same = _cfg("--seed", "21")
+    assert same.data.seed == 21 and same.train.seed == 21  # without --train-seed, --seed seeds both

@@ -129,3 +129,51 @@ def test_length_summary_compares_auto_with_the_best_hand_picked_length(tmp_path)
     md = render_length_runs(s, positive="spam").splitlines()
     assert [line.split("|")[1].strip() for line in md[2:]] == ["64", "auto", "256"]  # ordered by tokens
     assert "90.0% / 90.0%" in md[2] and "5 / 8 (3)" in md[3]
+
+
+def _seed_report(path, max_length, f1, seed, split_seed=13):
+    import json
+
+    _length_report(path, max_length, 0.05, f1, f1, 6, [10.0] * 6)
+    r = json.loads(path.read_text())
+    r["config"] = {"data": {"dataset": "sms_threads", "seed": split_seed}, "train": {"seed": seed}}
+    path.write_text(json.dumps(r))
+    return path
+
+
+def test_length_seed_summary_compares_means_and_pairs_seeds(tmp_path):
+    from service.modelprep.report import render_length_seed_runs, summarize_length_seed_runs
+
+    f1 = {"auto": (0.93, 0.96, 0.95), "256": (0.96, 0.95, 0.95), "128": (0.84, 0.85, 0.86)}
+    reports = {
+        setting: {
+            seed: _seed_report(tmp_path / f"{setting}-{seed}.json", 240 if setting == "auto" else int(setting), v, seed)
+            for seed, v in zip((13, 14, 15), vals, strict=True)
+        }
+        for setting, vals in f1.items()
+    }
+    s = summarize_length_seed_runs(reports, positive="spam")
+    by = {x["setting"]: x for x in s["settings"]}
+    assert by["auto"]["int8_macro_f1"]["mean"] == pytest.approx(0.9466667)
+    assert by["auto"]["int8_macro_f1"]["sd"] == pytest.approx(0.0152753, rel=1e-4)
+    assert by["auto"]["int8_macro_f1"]["min"] == 0.93 and by["auto"]["int8_macro_f1"]["max"] == 0.96
+    assert by["auto"]["seeds"] == [13, 14, 15] and by["auto"]["max_length"] == [240]
+    assert s["best_setting"] == "256" and s["best_hand_picked"] == "256"
+    assert s["auto_minus_best_hand_picked_points"]["int8_macro_f1"] == pytest.approx(-0.67)
+    assert s["auto_minus_best_hand_picked_points_per_seed"] == {"13": -3.0, "14": 1.0, "15": 0.0}
+    assert s["auto_within_1_point_of_best_hand_picked"] is True
+    assert len(s["rows"]) == 9 and {r["train_seed"] for r in s["rows"]} == {13, 14, 15}
+    md = render_length_seed_runs(s).splitlines()
+    assert [line.split("|")[1].strip() for line in md[2:]] == ["128", "auto", "256"]  # ordered by tokens
+    assert "0.9467 ± 0.0153 (0.9300-0.9600)" in md[3] and "13, 14, 15" in md[3]
+
+
+def test_length_seed_summary_refuses_mixed_splits_and_misfiled_seeds(tmp_path):
+    from service.modelprep.report import summarize_length_seed_runs
+
+    a = _seed_report(tmp_path / "a.json", 240, 0.9, 13)
+    with pytest.raises(ValueError, match="filed under seed 14"):
+        summarize_length_seed_runs({"auto": {14: a}})
+    b = _seed_report(tmp_path / "b.json", 256, 0.9, 13, split_seed=99)
+    with pytest.raises(ValueError, match="different data configs"):
+        summarize_length_seed_runs({"auto": {13: a}, "256": {13: b}})

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from service.modelprep.cli import build_config, build_parser
-from service.modelprep.config import REPORT_INT8_RECIPES
+from service.modelprep.config import REPORT_INT8_RECIPES, ExportConfig
+from service.modelprep.errors import ConfigError
 
 
 def _cfg(*args: str):
@@ -87,3 +88,11 @@ def test_train_seed_varies_training_alone_on_the_same_split():
     assert cfg.data.seed == 13 and cfg.train.seed == 14
     same = _cfg("--seed", "21")
     assert same.data.seed == 21 and same.train.seed == 21  # without --train-seed, --seed seeds both
+
+
+@pytest.mark.parametrize("preset", ["default", "tiny"])
+def test_graph_optimization_reaches_the_export_config(preset):
+    assert _cfg("--preset", preset).export.optimize == "none"
+    assert _cfg("--preset", preset, "--graph-optimization", "fused").export.optimize == "fused"
+    with pytest.raises(ConfigError, match="optimize must be"):
+        ExportConfig(optimize="fast")

@@ -11,7 +11,8 @@ else
        "on 2 idle CPU cores (training is most of it; 17 min measured when the cores were shared with other jobs);" \
        "later runs reuse the cache and serve in well under 30 s"
 fi
-bash scripts/setup.sh
+# Only what building and serving need (the test command installs the rest: generator, load tests, dev tools, mpnet).
+LORASERVE_SETUP_PROFILE="${LORASERVE_SETUP_PROFILE:-serve}" bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m service.modelprep build "$@"
 echo "serve.sh: starting Triton and the gateway; try:"

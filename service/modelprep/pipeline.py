@@ -8,6 +8,7 @@ fine-tuning method comparison and compression, each as more stages of the same k
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -18,13 +19,22 @@ from .cache import StageCache
 from .config import BuildConfig, QuantizeConfig, config_hash, config_to_dict
 from .data import Dataset, load_dataset
 from .progress import Progress, Silent, fmt_seconds
+from .tokens import encode
 
 log = logging.getLogger(__name__)
 
 #: Rough seconds of each short stage for MiniLM-L6 (22.7 M parameters) on 2 CPU cores, scaled by the base model's
 #: size: the ETA of a stage that was never built in this workdir. Measured on the development machine.
 _REFERENCE_PARAMETERS = 22.7e6
-_STAGE_SECONDS = {"merged": 4.0, "onnx": 8.0, "fp16": 5.0, "int8-dynamic": 6.0, "int8-static": 20.0, "publish": 1.0}
+_STAGE_SECONDS = {
+    "merged": 4.0,
+    "onnx": 8.0,
+    "onnx-fused": 15.0,
+    "fp16": 5.0,
+    "int8-dynamic": 6.0,
+    "int8-static": 20.0,
+    "publish": 1.0,
+}
 
 
 @dataclass
@@ -49,6 +59,10 @@ class BuildContext:
     keys: dict[str, str] = field(default_factory=dict)
     variant_paths: dict[str, Path] = field(default_factory=dict)
     compressed_meta: dict[str, dict] = field(default_factory=dict)
+    #: what the INT8 recipes quantize: the fused FP32 graph when graph optimization applied, else the export
+    int8_source: Path | None = None
+    #: the graph-optimization record for the report (fusion.fuse_graph's meta, or why it did not run)
+    graph_optimization: dict = field(default_factory=dict)
     _tokenizer: object = None
 
     @property
@@ -118,6 +132,7 @@ def build(cfg: BuildConfig, *, force: bool = False, progress: bool | Progress = 
     stage_train(ctx)
     stage_merge(ctx)
     stage_export(ctx)
+    stage_fuse(ctx)
     stage_fp16(ctx)
     stage_int8(ctx)
     if cfg.compress is not None:
@@ -189,18 +204,62 @@ def stage_merge(ctx: BuildContext) -> Path:
 
 
 def stage_export(ctx: BuildContext) -> Path:
-    """ONNX FP32 export with a torch parity check."""
+    """ONNX FP32 export with a torch parity check (always the unfused graph: stage_fuse derives the fused one)."""
     from .export import export_onnx
 
-    ctx.keys["onnx"] = config_hash(ctx.keys["merged"], ctx.cfg.export)
+    # the export does not depend on export.optimize: switching it reuses the export and reruns what follows
+    export_cfg = dataclasses.replace(ctx.cfg.export, optimize="none")
+    ctx.keys["onnx"] = config_hash(ctx.keys["merged"], export_cfg)
     d = ctx.cache.run(
         "onnx",
         ctx.keys["onnx"],
-        lambda d: export_onnx(ctx.cfg.export, ctx.merged_dir, d / "fp32.onnx", ctx.parity_texts),
+        lambda d: export_onnx(export_cfg, ctx.merged_dir, d / "fp32.onnx", ctx.parity_texts),
         eta=ctx.eta("onnx"),
         detail="ONNX FP32 export, parity vs torch",
     )
     ctx.variant_paths["fp32"] = d / "fp32.onnx"
+    ctx.int8_source = d / "fp32.onnx"
+    return d
+
+
+def stage_fuse(ctx: BuildContext) -> Path | None:
+    """ONNX Runtime's transformer optimizer on the FP32 export (``export.optimize = "fused"``, fusion.py): the
+    fused graph is what INT8 quantizes, and its FP32 form is evaluated as the ``fp32-fused`` row. Falls back to the
+    unfused export, with a warning, when the optimizer fails, fuses nothing or changes the logits."""
+    from .fusion import FUSION_VERSION, OPT_LEVEL, fuse_graph
+
+    if ctx.cfg.export.optimize != "fused":
+        ctx.graph_optimization = {"requested": "none", "applied": False, "reason": "export.optimize = none"}
+        return None
+    ctx.keys["onnx-fused"] = config_hash(ctx.keys["onnx"], "fused", FUSION_VERSION, OPT_LEVEL)
+    fp32 = ctx.variant_paths["fp32"]
+
+    def run(d: Path) -> None:
+        tok = ctx.tokenizer()
+        texts = ctx.parity_texts
+        feeds = [
+            encode(tok, texts[s : s + b], ctx.max_length, ctx.truncation, tensors="np")
+            for b in (1, 8, 32)
+            for s in range(0, min(len(texts), 2 * b), b)
+        ]
+        fuse_graph(fp32, d / "fp32-fused.onnx", ctx.merged_dir, feeds)
+
+    d = ctx.cache.run(
+        "onnx-fused",
+        ctx.keys["onnx-fused"],
+        run,
+        eta=ctx.eta("onnx-fused"),
+        detail="fused attention / LayerNorm / GELU (ONNX Runtime transformer optimizer), parity vs unfused",
+    )
+    meta = json.loads((d / "fp32-fused.json").read_text())["graph_optimization"]
+    ctx.graph_optimization = {"requested": "fused", **meta}
+    if not meta["applied"]:
+        ctx.progress.line(f"graph optimization not applied ({meta['reason']}); INT8 quantizes the unfused export")
+        # what follows is exactly the unfused build (same files): keep its keys so its stages are reused
+        del ctx.keys["onnx-fused"]
+        return d
+    ctx.variant_paths["fp32-fused"] = d / "fp32-fused.onnx"
+    ctx.int8_source = d / "fp32-fused.onnx"
     return d
 
 
@@ -232,9 +291,10 @@ def stage_int8(ctx: BuildContext) -> None:
     """The served INT8 recipe, and every report-only recipe of the full report."""
     from .quantize import quantize_int8
 
-    fp32 = ctx.variant_paths["fp32"]
+    fp32 = ctx.int8_source or ctx.variant_paths["fp32"]
+    source_key = ctx.keys["onnx-fused"] if "fp32-fused" in ctx.variant_paths else ctx.keys["onnx"]
     for name, q in int8_recipes(ctx.cfg):
-        key = config_hash(ctx.keys["onnx"], q)
+        key = config_hash(source_key, q)
         ctx.keys[f"int8/{q.tag}"] = key
         d = ctx.cache.run(
             f"int8/{q.tag}",
@@ -252,6 +312,26 @@ def stage_int8(ctx: BuildContext) -> None:
             detail=f"INT8 {q.tag}" + (" (served)" if name == "int8" else " (report only)"),
         )
         ctx.variant_paths[name] = d / "model.onnx"
+    if "fp32-fused" in ctx.variant_paths:
+        # the served recipe quantized from the unfused export too, so the report shows what fusion changed; its key
+        # is the one an unfused build's served INT8 has
+        q = ctx.cfg.int8
+        d = ctx.cache.run(
+            f"int8-unfused/{q.tag}",
+            config_hash(ctx.keys["onnx"], q),
+            lambda d: quantize_int8(
+                q,
+                ctx.variant_paths["fp32"],
+                d / "model.onnx",
+                tokenizer=ctx.tokenizer(),
+                calibration_texts=ctx.data.train.texts,
+                max_length=ctx.max_length,
+                truncation=ctx.truncation,
+            ),
+            eta=ctx.eta("int8-static" if q.mode == "static" else "int8-dynamic"),
+            detail=f"INT8 {q.tag} from the unfused export (report only: fused vs unfused)",
+        )
+        ctx.variant_paths["int8-unfused"] = d / "model.onnx"
 
 
 def stage_compress(ctx: BuildContext) -> None:
@@ -501,6 +581,7 @@ def assemble_report(ctx: BuildContext, rows: list[dict], methods: list[dict]) ->
         "token_lengths": {"train": trained.get("token_lengths"), "test": ev.get("test_token_lengths")},
         "merge": ctx.merge_meta,
         "export": export_meta,
+        "graph_optimization": _graph_optimization_record(ctx),
         "evaluate": config_to_dict(cfg.evaluate),
         "variants": rows,
         "methods": methods,
@@ -508,6 +589,20 @@ def assemble_report(ctx: BuildContext, rows: list[dict], methods: list[dict]) ->
     }
     report["targets"] = check_targets(report)
     return report
+
+
+def _graph_optimization_record(ctx: BuildContext) -> dict:
+    """The report's graph-optimization section: the fusion record and which ops the served INT8 quantized."""
+    rec = dict(ctx.graph_optimization)
+    if rec.get("applied"):
+        int8_meta = ctx.variant_paths["int8"].with_suffix(".json")
+        try:
+            rec["int8_quantized_fused_ops"] = json.loads(int8_meta.read_text()).get("quantized_fused_ops")
+        except (OSError, ValueError):
+            rec["int8_quantized_fused_ops"] = None
+        rec["variants_from_fused_graph"] = ["fp32-fused"] + [n for n, _ in int8_recipes(ctx.cfg)]
+        rec["variants_from_unfused_export"] = ["fp32", "fp16", "int8-unfused"]
+    return rec
 
 
 def stage_publish(ctx: BuildContext, rows: list[dict]) -> dict[str, Path]:
@@ -544,6 +639,11 @@ def stage_publish(ctx: BuildContext, rows: list[dict]) -> dict[str, Path]:
             "onnx_parity_vs_torch": export_meta["parity_max_abs_logit_diff_vs_torch"],
             "merge_parity_vs_adapter": ctx.merge_meta["max_abs_logit_diff_vs_adapter"],
             "truncation": ctx.truncation,
+            "graph_optimization": {
+                **{k: ctx.graph_optimization.get(k) for k in ("requested", "applied", "reason", "fused_operators")},
+                # only INT8 is quantized from the fused graph; FP16 converts the unfused export
+                "this_variant_fused": bool(ctx.graph_optimization.get("applied")) and variant == "int8",
+            },
         }
         if variant == "small_int8":
             provenance["compression"] = ctx.compressed_meta.get("distilled-pruned")
@@ -609,6 +709,26 @@ def check_targets(report: dict) -> list[dict]:
                     "detail": f"{ratio:.2f}x ({rows['int8']['throughput'][b]:.0f} vs {fp32['throughput'][b]:.0f} seq/s)",
                 }
             )
+    g = report.get("graph_optimization") or {}
+    if g.get("applied") and "int8" in rows:
+        d = (rows["int8"]["accuracy"] - fp32["accuracy"]) * 100
+        out.append(
+            {
+                "what": "served INT8 from the fused graph within 0.3 points of FP32",
+                "ok": d >= -0.3,
+                "detail": f"{d:+.2f} points",
+            }
+        )
+    if g.get("applied") and "fp32-fused" in rows:
+        diff = g["parity_max_abs_logit_diff_vs_unfused"]
+        out.append(
+            {
+                "what": f"fused FP32 logits = unfused FP32 within {g['tolerance']:g} (and same test predictions)",
+                "ok": diff <= g["tolerance"] and rows["fp32-fused"]["agreement_with_fp32"] == 1.0,
+                "detail": f"max |Δlogit| {diff:.3g} on parity batches; test agreement "
+                f"{rows['fp32-fused']['agreement_with_fp32']:.4f}",
+            }
+        )
     if "fp16" in rows:
         d = (rows["fp16"]["accuracy"] - fp32["accuracy"]) * 100
         out.append({"what": "FP16 within 0.1 points of FP32", "ok": abs(d) <= 0.1, "detail": f"{d:+.2f} points"})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import Fp16Config, QuantizeConfig, config_to_dict
 from .errors import PrepError
+from .fusion import fused_op_types
 from .tokens import encode
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,13 @@ def quantize_int8(
             shutil.copy(fp32_path, pre)
         exclude = _nodes_to_exclude(pre, cfg)
         op_types = ["MatMul", "Gemm"] + (["Gather"] if cfg.quantize_embeddings else [])
+        # A graph fused by fusion.fuse_graph holds its attention projections inside Attention and its embedding
+        # tables inside EmbedLayerNormalization: name them too, or they stay FP32 (QAttention /
+        # QEmbedLayerNormalization are ONNX Runtime's integer kernels for them; dynamic mode only).
+        fused = sorted(fused_op_types(pre) & {"Attention", "EmbedLayerNormalization"}) if cfg.mode == "dynamic" else []
+        if not cfg.quantize_embeddings:
+            fused = [op for op in fused if op != "EmbedLayerNormalization"]
+        op_types += fused
         weight_type = QuantType.QInt8 if cfg.weight_symmetric else QuantType.QUInt8
         extra = {"WeightSymmetric": cfg.weight_symmetric}
         if cfg.mode == "dynamic":
@@ -169,5 +177,9 @@ def quantize_int8(
                 calibrate_method=method,
                 extra_options=extra,
             )
-    _write_meta(output_path, fp32_path, {"int8": config_to_dict(cfg), "tag": cfg.tag, "kept_fp32_nodes": exclude})
+    _write_meta(
+        output_path,
+        fp32_path,
+        {"int8": config_to_dict(cfg), "tag": cfg.tag, "kept_fp32_nodes": exclude, "quantized_fused_ops": fused},
+    )
     return output_path

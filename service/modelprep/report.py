@@ -84,6 +84,9 @@ def render_markdown(report: dict) -> str:
                 "figures vary by up to ~30% between builds) hits all variants alike and the ratios stay comparable."
             ),
         ]
+    from .fusion import graph_optimization_lines
+
+    lines += graph_optimization_lines(report)
     lines += ["", "## Targets", ""]
     for t in report.get("targets", []):
         lines.append(f"- {'PASS' if t['ok'] else 'MISS'}: {t['what']} — {t['detail']}")

@@ -10,7 +10,7 @@ word-embedding table is cut to the tokens the test set uses (ids remapped, the k
 are the same): MiniLM's 30,522 x 384 table alone is 22 MiB in FP16, and without the cut the FP16 weights and the
 INT8 file would not fit together. The same cut is applied to the ONNX files' embedding initializer where the graph
 allows it (a ``Gather`` of ``input_ids`` from an initializer, directly or through a per-tensor
-``DequantizeLinear``); a file that cannot be cut travels whole if it fits, with the original ids beside it.
+``DequantizeLinear``, or the fused graph's ``EmbedLayerNormalization`` / ``QEmbedLayerNormalization``); a file that cannot be cut travels whole if it fits, with the original ids beside it.
 
 ``run`` (the GPU machine: only ``torch``, and ``onnxruntime`` for the ONNX part; no network, no ``transformers``)
 rebuilds the BERT encoder + pooler + classification head in plain PyTorch (``TorchBert``, checked against
@@ -268,10 +268,19 @@ def _write_onnx_cut(source: Path, target: Path, kept, vocab_size: int) -> str:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
+
+    def is_input_ids(name: str) -> bool:  # the graph input, perhaps through Casts (the fused graph takes INT32)
+        while name in producers and producers[name].op_type == "Cast":
+            name = producers[name].input[0]
+        return name == "input_ids"
+
     for node in graph.node:
-        if node.op_type != "Gather" or node.input[1] != "input_ids":
+        if node.op_type == "Gather" and is_input_ids(node.input[1]):
+            data = node.input[0]
+        elif node.op_type in ("EmbedLayerNormalization", "QEmbedLayerNormalization") and is_input_ids(node.input[0]):
+            data = node.input[2]  # the fused graph's embedding node (the quantized one has per-tensor scales)
+        else:
             continue
-        data = node.input[0]
         if data in producers and producers[data].op_type == "DequantizeLinear":
             dq = producers[data]
             scale = inits.get(dq.input[1])

@@ -293,15 +293,14 @@ def stage_int8(ctx: BuildContext) -> None:
 
     fp32 = ctx.int8_source or ctx.variant_paths["fp32"]
     source_key = ctx.keys["onnx-fused"] if "fp32-fused" in ctx.variant_paths else ctx.keys["onnx"]
-    for name, q in int8_recipes(ctx.cfg):
-        key = config_hash(source_key, q)
-        ctx.keys[f"int8/{q.tag}"] = key
+
+    def quantize(stage: str, key: str, q: QuantizeConfig, source: Path, detail: str) -> Path:
         d = ctx.cache.run(
-            f"int8/{q.tag}",
+            stage,
             key,
-            lambda d, q=q: quantize_int8(
+            lambda d: quantize_int8(
                 q,
-                fp32,
+                source,
                 d / "model.onnx",
                 tokenizer=ctx.tokenizer(),
                 calibration_texts=ctx.data.train.texts,
@@ -309,29 +308,26 @@ def stage_int8(ctx: BuildContext) -> None:
                 truncation=ctx.truncation,
             ),
             eta=ctx.eta("int8-static" if q.mode == "static" else "int8-dynamic"),
-            detail=f"INT8 {q.tag}" + (" (served)" if name == "int8" else " (report only)"),
+            detail=detail,
         )
-        ctx.variant_paths[name] = d / "model.onnx"
+        return d / "model.onnx"
+
+    for name, q in int8_recipes(ctx.cfg):
+        key = config_hash(source_key, q)
+        ctx.keys[f"int8/{q.tag}"] = key
+        detail = f"INT8 {q.tag}" + (" (served)" if name == "int8" else " (report only)")
+        ctx.variant_paths[name] = quantize(f"int8/{q.tag}", key, q, fp32, detail)
     if "fp32-fused" in ctx.variant_paths:
         # the served recipe quantized from the unfused export too, so the report shows what fusion changed; its key
         # is the one an unfused build's served INT8 has
         q = ctx.cfg.int8
-        d = ctx.cache.run(
+        ctx.variant_paths["int8-unfused"] = quantize(
             f"int8-unfused/{q.tag}",
             config_hash(ctx.keys["onnx"], q),
-            lambda d: quantize_int8(
-                q,
-                ctx.variant_paths["fp32"],
-                d / "model.onnx",
-                tokenizer=ctx.tokenizer(),
-                calibration_texts=ctx.data.train.texts,
-                max_length=ctx.max_length,
-                truncation=ctx.truncation,
-            ),
-            eta=ctx.eta("int8-static" if q.mode == "static" else "int8-dynamic"),
-            detail=f"INT8 {q.tag} from the unfused export (report only: fused vs unfused)",
+            q,
+            ctx.variant_paths["fp32"],
+            f"INT8 {q.tag} from the unfused export (report only: fused vs unfused)",
         )
-        ctx.variant_paths["int8-unfused"] = d / "model.onnx"
 
 
 def stage_compress(ctx: BuildContext) -> None:

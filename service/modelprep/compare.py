@@ -44,7 +44,7 @@ class CompareConfig:
 
     methods: tuple[str, ...] = tuple(METHODS)
     epochs: int = 10
-    patience: int = 2
+    patience: int = 3
     base: TrainConfig = field(default_factory=TrainConfig)
     freeze_fraction: float = 2 / 3
 

@@ -167,7 +167,7 @@ class TrainConfig:
     freeze_layers: int = 0
     layered_tune: str = "attention"
     epochs: int = 8
-    patience: int | None = 2
+    patience: int | None = 3
     selection_metric: str = "auto"
     class_weights: str = "none"
     max_steps: int | None = None

@@ -7,9 +7,10 @@ if [ -f artifacts/default/timings.json ] && ls model_repository/classifier_int8/
   echo "serve.sh: a built model is cached under artifacts/default: checking that it is current, then serving" \
        "(seconds)"
 else
-  echo "serve.sh: first run: about 3 min of set-up (a virtual environment) and ~4 min to build the default model" \
-       "on 2 idle CPU cores (training is most of it; 17 min measured when the cores were shared with other jobs);" \
-       "later runs reuse the cache and serve in well under 30 s"
+  echo "serve.sh: first run: about 2 min of set-up (a virtual environment) and 5 min to build the default model" \
+       "on 2 idle CPU cores (training is most of it; a fresh clone answered after 7 min 11 s on a 2-core AMD EPYC" \
+       "VM, several times longer when the cores are shared with other jobs); later runs reuse the cache and serve" \
+       "in seconds"
 fi
 # Only what building and serving need (the test command installs the rest: generator, load tests, dev tools, mpnet).
 LORASERVE_SETUP_PROFILE="${LORASERVE_SETUP_PROFILE:-serve}" bash scripts/setup.sh

@@ -119,6 +119,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "(default 3)",
     )
     g.add_argument(
+        "--selection-ties",
+        type=int,
+        default=1,
+        help="validation scores within this many validation examples of the best are a tie, won by the later epoch "
+        "(trained further down the learning-rate decay; a tie does not reset --patience); 0 = keep the earliest best "
+        "(default 1)",
+    )
+    g.add_argument(
         "--selection-metric",
         default="auto",
         choices=["auto", "accuracy", "macro_f1"],
@@ -363,6 +371,7 @@ def train_config(a: argparse.Namespace) -> TrainConfig:
         "max_length_coverage": a.max_length_coverage,
         "truncation": a.truncation,
         "patience": a.patience or None,
+        "selection_ties": a.selection_ties,
         "selection_metric": a.selection_metric,
         "class_weights": a.class_weights,
         "seed": a.seed if a.train_seed is None else a.train_seed,

@@ -154,7 +154,9 @@ def train(
     """Fine-tune the classifier and save it (adapter for LoRA, full model otherwise) to ``output_dir``.
 
     After every epoch the model is scored on the validation split with the selection metric; the best epoch's
-    weights are kept, and training stops once ``cfg.patience`` epochs in a row brought no improvement.
+    weights are kept, and training stops once ``cfg.patience`` epochs in a row brought no gain over the best score.
+    A score within ``cfg.selection_ties`` validation examples of the best is a tie: no gain, but the later epoch is
+    kept.
 
     Args:
         cfg: method and hyper-parameters (``max_length="auto"`` is resolved on the training texts).
@@ -215,6 +217,8 @@ def train(
     epoch_seconds: list[float] = []
     history: list[dict[str, float]] = []
     best_score: float | None = None
+    peak_score: float | None = None
+    tie = cfg.selection_ties / max(1, len(data.validation))
     best_acc: float | None = None
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -273,21 +277,27 @@ def train(
         epoch_seconds.append(elapsed * steps_per_epoch / max(1, done_in_epoch))
         rec: dict[str, float] = {"epoch": epoch + 1, "loss": running, "seconds": elapsed}
         improved = False
+        note = ""
         if has_val:
             logits = predict_logits(model, tokenizer, data.validation.texts, max_length, truncation=cfg.truncation)
             pred, gold = logits.argmax(1), np.array(data.validation.labels)
             rec["validation_accuracy"] = score("accuracy", pred, gold, n_classes)
             rec["validation_macro_f1"] = score("macro_f1", pred, gold, n_classes)
             current = rec[f"validation_{metric}"]
-            if best_score is None or current > best_score:
+            # a score within `tie` of the peak is a tie and goes to the later epoch (trained further down the decay)
+            # Only a gain over the peak resets patience; a tie (within `tie` of the peak) is no gain, but the kept
+            # epoch moves to it: it has trained further down the decaying learning rate.
+            gain = peak_score is None or current > peak_score
+            tied = not gain and cfg.selection_ties > 0 and current >= peak_score - tie - 1e-9
+            if gain or tied:
                 improved = True
+                note = " (a tie with the best: kept, as the later epoch)" if tied else ""
+                peak_score = current if peak_score is None else max(peak_score, current)
                 best_score, best_acc, best_epoch = current, rec["validation_accuracy"], epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 seconds_to_best = time.perf_counter() - started
                 cpu_seconds_to_best = time.process_time() - cpu_started
-                stale = 0
-            else:
-                stale += 1
+            stale = 0 if gain else stale + 1
         rec["seconds_total"] = time.perf_counter() - started
         rec["cpu_seconds_total"] = time.process_time() - cpu_started
         epoch_walls.append(time.perf_counter() - t0)
@@ -297,7 +307,7 @@ def train(
             stop = stopped_early = True
         val = (
             f", validation accuracy {rec['validation_accuracy']:.4f}, macro-F1 {rec['validation_macro_f1']:.4f}"
-            + (" (best so far)" if improved else f" (best: epoch {best_epoch})")
+            + ((note or " (best so far)") if improved else f" (best: epoch {best_epoch})")
             if has_val
             else ""
         )

@@ -47,7 +47,9 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path):
     data = load_dataset(DataConfig(max_train_samples=48, validation_fraction=0.05, test_fraction=0.05))
     out = io.StringIO()
     # a learning rate too small to change anything: the validation score cannot improve after epoch 1
-    cfg = TrainConfig(epochs=5, patience=1, batch_size=16, learning_rate=1e-12, max_length="auto", seed=3)
+    cfg = TrainConfig(
+        epochs=5, patience=1, selection_ties=0, batch_size=16, learning_rate=1e-12, max_length="auto", seed=3
+    )
     res = train(cfg, data, tmp_path / "t", progress=Progress(bars=False, stream=out))
     assert res.stopped_early and res.best_epoch == 1 and len(res.history) == 2
     meta = json.loads((tmp_path / "t" / "train.json").read_text())
@@ -62,6 +64,24 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path):
     assert len(epoch_lines) == 2 and "stopping early" in epoch_lines[-1] and "ETA" in epoch_lines[0]
     assert any("s/step measured; ETA" in x for x in lines)
     assert "\r" not in out.getvalue(), "no progress bars when bars are off"
+
+
+def test_a_tie_keeps_the_later_epoch_and_does_not_reset_patience(tmp_path):
+    from service.modelprep.data import load_dataset
+    from service.modelprep.finetune import train
+    from service.modelprep.progress import Progress
+
+    data = load_dataset(DataConfig(max_train_samples=48, validation_fraction=0.05, test_fraction=0.05))
+    out = io.StringIO()
+    # the same frozen model: every epoch scores the same, a tie with epoch 1, never a gain
+    cfg = TrainConfig(epochs=5, patience=2, batch_size=16, learning_rate=1e-12, max_length="auto", seed=3)
+    res = train(cfg, data, tmp_path / "t", progress=Progress(bars=False, stream=out))
+    assert res.stopped_early and len(res.history) == 3, "ties are no gain: patience 2 stops after epoch 3"
+    assert res.best_epoch == 3, "a tie goes to the later epoch"
+    scores = [h["validation_accuracy"] for h in res.history]
+    assert scores[0] == scores[1] == scores[2]
+    epoch_lines = [x for x in out.getvalue().splitlines() if "train epoch" in x]
+    assert "a tie with the best" in epoch_lines[1] and "keeping epoch 3" in epoch_lines[2]
 
 
 def test_class_weighted_loss_and_head_tail_truncation_train(threads, tmp_path):

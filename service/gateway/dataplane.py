@@ -418,6 +418,8 @@ class DataPlane:
             "samples": snap.samples,
             "ready": snap.ready,
             "predicted_drain_seconds": batcher.predicted_drain_seconds(),
+            "backend_parallelism": batcher.parallelism,
+            "padding_ratio": round(batcher.padding_ratio, 3),
             "budget_scale": batcher.budget_scale,
             "slo_seconds": batcher.admission.slo_seconds,
         }

@@ -58,6 +58,8 @@ class GatewayRuntime:
         #: The text-generation service (service/gateway/api/generate.py); it attaches itself in create_app.
         self.generation: Any = None
         self.server_max_batch_sizes: dict[str, int | None] = {}
+        #: Triton's model instances per backend model: the batches it runs at the same time.
+        self.server_instance_counts: dict[str, int] = {}
         self._draining = False
         self._drain_listeners: list[Callable[[], None]] = []
         self.started = False
@@ -112,6 +114,7 @@ class GatewayRuntime:
         for m in self.models.values():
             server_max = await self.backend.max_batch_size(m.model_name)
             self.server_max_batch_sizes[m.model_name] = server_max
+            self.server_instance_counts[m.model_name] = await self.backend.instance_count(m.model_name)
             if server_max is None:
                 raise StartupError(f"model {m.model_name} does not accept batches (its max_batch_size is 0)")
             if s.batch.max_batch_size > server_max:
@@ -143,7 +146,16 @@ class GatewayRuntime:
                     retry_on_unavailable=s.retry_on_unavailable,
                 ),
                 ready=self.backend.ready,
+                backend_parallelism=self.server_instance_counts.get(m.model_name, 1),
             )
+            if self.server_instance_counts.get(m.model_name, 1) > s.batch.max_inflight_batches:
+                logger.warning(
+                    "%s has %d model instances but the gateway keeps at most %d batches in flight "
+                    "(GATEWAY_BATCH__MAX_INFLIGHT_BATCHES): some instances stay idle",
+                    m.model_name,
+                    self.server_instance_counts.get(m.model_name, 1),
+                    s.batch.max_inflight_batches,
+                )
             self.served[variant] = ServedVariant(model=adapter, batcher=batcher)
         pair = s.shadow_pair()
         if pair is not None:

@@ -271,7 +271,7 @@ def render_model_config(
     variant: str,
     target: str,
     *,
-    instance_count: int = 1,
+    instance_count: int | None = None,
     accelerator: str = "cuda",
     repository: Path = COMMITTED_REPOSITORY,
 ) -> ModelConfig:
@@ -289,7 +289,8 @@ def render_model_config(
     Args:
         variant: The precision variant (``int8``, ``fp16``); the model is ``classifier_<variant>``.
         target: ``cpu`` or ``gpu``.
-        instance_count: Model instances (per GPU on ``gpu``).
+        instance_count: Model instances (per GPU on ``gpu``); None = the committed config's count on ``cpu``
+            (2 instances of one ONNX Runtime thread), 1 per GPU on ``gpu``.
         accelerator: ``cuda`` or ``tensorrt`` (``gpu`` only).
         repository: Where the committed ``<model>/config.pbtxt`` files are.
 
@@ -303,20 +304,21 @@ def render_model_config(
         raise ModelConfigError(f"target must be one of {list(TARGETS)} (got {target!r})")
     if accelerator not in GPU_ACCELERATORS:
         raise ModelConfigError(f"accelerator must be one of {list(GPU_ACCELERATORS)} (got {accelerator!r})")
-    if instance_count < 1:
+    if instance_count is not None and instance_count < 1:
         raise ModelConfigError(f"instance_count must be >= 1 (got {instance_count})")
     name = f"{MODEL_NAME_PREFIX}{variant}"
     base = load_and_validate(Path(repository) / name)
     if target == "cpu":
         rendered = ModelConfig()
         rendered.CopyFrom(base)
+        count = instance_count or sum(g.count for g in base.instance_group) or 1
         del rendered.instance_group[:]
-        rendered.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=instance_count)
+        rendered.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
     else:
         rendered = render_onnxruntime_config(base)
         del rendered.output[:]
         del rendered.instance_group[:]
-        rendered.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=instance_count)
+        rendered.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=instance_count or 1)
         if "allow_spinning" in rendered.parameters:
             del rendered.parameters["allow_spinning"]  # a python-backend (model.py) setting
         if accelerator == "tensorrt":
@@ -361,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--target", choices=TARGETS, required=True)
     r.add_argument("--output", type=Path, required=True, help="directory for classifier_<variant>.pbtxt")
     r.add_argument("--variants", nargs="*", help="default: every committed variant")
-    r.add_argument("--instance-count", type=int, default=1)
+    r.add_argument(
+        "--instance-count", type=int, default=None, help="default: the committed count on cpu, 1 per GPU on gpu"
+    )
     r.add_argument("--accelerator", choices=GPU_ACCELERATORS, default="cuda")
     args = parser.parse_args(argv)
     try:

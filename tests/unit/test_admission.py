@@ -98,7 +98,16 @@ def test_batch_is_cut_to_the_largest_prefix_that_meets_its_earliest_deadline():
 
 
 class Harness:
-    def __init__(self, repo, backend: FakeBackend, *, slo: float | None, max_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        repo,
+        backend: FakeBackend,
+        *,
+        slo: float | None,
+        max_batch_size: int = 8,
+        max_inflight: int = 1,
+        parallelism: int = 1,
+    ) -> None:
         self.metrics = GatewayMetrics(version="t", git_sha="t")
         self.backend = backend
         model = load_variant_model(repo, "classifier_int8", "int8", None)
@@ -108,11 +117,12 @@ class Harness:
             self.model.process,
             limits=BatchLimits(max_batch_size=max_batch_size, max_wait_seconds=0.0, max_batch_tokens=100_000),
             max_queue_size=4096,
-            max_inflight_batches=1,
+            max_inflight_batches=max_inflight,
             retry_after_seconds=1,
             metrics=self.metrics,
             admission=AdmissionPolicy(slo_seconds=slo, slo_fraction=1.0, recovery_grace_seconds=0.0),
             ready=backend.ready,
+            backend_parallelism=parallelism,
         )
 
     def submit(self, *texts: str, deadline_in: float = 30.0):
@@ -171,6 +181,29 @@ async def test_admission_refuses_what_would_miss_the_slo_with_a_computed_retry_a
     gate.set()
     await asyncio.wait_for(asyncio.gather(*first, *queued), 10)
     assert h.batcher.predicted_drain_seconds() == 0.0
+
+
+async def test_parallel_backend_instances_drain_the_queue_faster_but_never_split_a_batch(harness):
+    backend = FakeBackend(len(LABELS))
+    gate = backend.hold()
+    h = await harness(backend, slo=0.45, max_inflight=2, parallelism=2)
+    assert h.batcher.parallelism == 2
+    h.train(0.1)  # 100 ms per batch of 8 short texts, on each of two instances
+    idle = h.batcher.predicted_completion_seconds([5] * 8)
+    assert idle == pytest.approx(h.batcher.service_time.predict(8, 5), rel=0.2)  # one batch: not halved
+    running = [f for _ in range(2) for f in h.submit(*[SHORT] * 8)]  # one batch on each instance
+    await backend.wait_entered(2)
+    queued = [f for _ in range(4) for f in h.submit(*[SHORT] * 8)]  # 4 queued: 2 rounds of 2 instances
+    drain = h.batcher.predicted_drain_seconds()
+    assert 0.2 <= drain <= 0.35, drain  # (2 x ~0.1 left + 4 x 0.1) / 2 instances, not the serial 0.6 s
+    h.submit(*[SHORT] * 8)  # a 7th batch: ~0.35 s on two instances fits the 0.45 s SLO (serially: 0.7 s)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*running, *queued), 10)
+
+
+async def test_one_instance_is_assumed_when_the_gateway_keeps_fewer_batches_in_flight(harness):
+    h = await harness(slo=0.45, max_inflight=1, parallelism=4)
+    assert h.batcher.parallelism == 1  # instances beyond the in-flight limit never run a batch of the variant
 
 
 async def test_late_answers_shrink_the_budget_and_prompt_ones_restore_it(harness):
@@ -323,7 +356,11 @@ async def test_models_endpoint_shows_the_service_time_model(repo):
         "samples",
         "ready",
         "predicted_drain_seconds",
+        "backend_parallelism",
+        "padding_ratio",
         "slo_seconds",
         "budget_scale",
     }
+    assert st["backend_parallelism"] == 1  # the fake backend reports one instance
+    assert st["padding_ratio"] == 1.0  # one text per batch: no padding
     assert st["budget_scale"] == 1.0

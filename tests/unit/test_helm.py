@@ -392,6 +392,8 @@ def test_default_is_cpu_image_and_cpu_configs_gpu_is_gpu_image_and_onnxruntime_c
         for name, config in configs.items():
             mcfg.validate_model_config(config, expected_name=name)
             assert [g.kind for g in config.instance_group] == [image_kind], (values, name)
+            # CPU: the committed 2 instances of one ONNX Runtime thread each (the 2-CPU request); GPU: 1 per GPU
+            assert config.instance_group[0].count == (2 if target == "cpu" else 1), (values, name)
             assert config.backend == backend
             # Exactly what the one rendering function gives for this target.
             assert config == mcfg.render_model_config(name.removeprefix("classifier_"), target), name

@@ -71,7 +71,7 @@ def test_bad_enum_is_rejected_by_the_protobuf():
         ("max_queue_delay_microseconds: 100", "max_queue_delay_microseconds: 500000", "max_queue_delay"),
         ('backend: "python"', 'backend: "tensorflow"', "backend must be one of"),
         ('backend: "python"', 'backend: "onnxruntime"', "does not pad ragged inputs"),
-        ("kind: KIND_CPU\n    count: 1", "kind: KIND_CPU\n    count: 0", "count must be >= 1"),
+        ("kind: KIND_CPU\n    count: 2", "kind: KIND_CPU\n    count: 0", "count must be >= 1"),
     ],
 )
 def test_contract_violation_is_named(old, new, expected):

@@ -72,6 +72,12 @@ class ServiceTimeInfo(BaseModel):
     samples: int = Field(description="Batches observed so far.")
     ready: bool = Field(description="Whether predictions are used for admission (after a few batches).")
     predicted_drain_seconds: float = Field(description="Predicted time to finish the in-flight and queued work.")
+    backend_parallelism: int = Field(
+        1, description="Batches the backend runs at once (Triton's instance count, at most the in-flight limit)."
+    )
+    padding_ratio: float = Field(
+        1.0, description="Padded tokens per text token in recent batches; scales the queue's tokens in predictions."
+    )
     slo_seconds: float | None = Field(description="The variant's latency target; null admits by deadline only.")
     budget_scale: float = Field(
         1.0,

@@ -60,5 +60,8 @@ class InferenceBackend(Protocol):
     async def max_batch_size(self, model: str) -> int | None:
         """The server-side max_batch_size of ``model``, or None if the server does not limit it."""
 
+    async def instance_count(self, model: str) -> int:
+        """How many batches of ``model`` the server runs at the same time (its model instances; at least 1)."""
+
     async def aclose(self) -> None:
         """Release connections."""

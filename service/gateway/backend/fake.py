@@ -65,6 +65,7 @@ class FakeBackend:
         row_delta: Added to the number of returned rows (non-zero simulates a broken server).
         is_ready: What ``ready()`` answers.
         server_max_batch_size: What ``max_batch_size()`` answers.
+        server_instance_count: What ``instance_count()`` answers.
         rolled_models: Models whose logit columns are rotated by one (a deliberately wrong model, e.g. for the
             shadow-agreement tests: its top label always differs from the others').
     """
@@ -78,6 +79,7 @@ class FakeBackend:
         row_delta: int = 0,
         is_ready: bool = True,
         server_max_batch_size: int | None = 64,
+        server_instance_count: int = 1,
         rolled_models: Sequence[str] = (),
     ) -> None:
         self.num_labels = num_labels
@@ -87,6 +89,7 @@ class FakeBackend:
         self.row_delta = row_delta
         self.is_ready = is_ready
         self.server_max_batch_size = server_max_batch_size
+        self.server_instance_count = server_instance_count
         self.calls: list[FakeCall] = []
         self.gate: asyncio.Event | None = None
         self.entered = 0
@@ -147,6 +150,10 @@ class FakeBackend:
     async def max_batch_size(self, model: str) -> int | None:
         """Return the configured server-side limit."""
         return self.server_max_batch_size
+
+    async def instance_count(self, model: str) -> int:
+        """Return the configured instance count."""
+        return self.server_instance_count
 
     async def aclose(self) -> None:
         """Mark closed."""

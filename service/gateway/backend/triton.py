@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -195,6 +196,20 @@ class TritonBackend:
         Returns:
             The configured value, or None when it is 0 (Triton does not batch the model).
         """
+        value = int((await self._model_config(model)).max_batch_size)
+        return value or None
+
+    async def instance_count(self, model: str) -> int:
+        """Model instances in Triton's configuration: batches of ``model`` that run at the same time.
+
+        A KIND_GPU group counts once per listed GPU (all GPUs when none are listed count as one here: the gateway
+        cannot see the node's devices, and one is the safe, slower assumption for admission).
+        """
+        cfg = await self._model_config(model)
+        total = sum(max(1, g.count) * max(1, len(g.gpus)) for g in cfg.instance_group)
+        return max(1, total)
+
+    async def _model_config(self, model: str) -> Any:
         client = self._require_client()
         version = self._models.get(model)
         try:
@@ -203,8 +218,7 @@ class TritonBackend:
             )
         except InferenceServerException as exc:
             raise map_triton_error(exc, model) from None
-        value = int(cfg.config.max_batch_size)
-        return value or None
+        return cfg.config
 
     async def aclose(self) -> None:
         """Close the gRPC channel."""

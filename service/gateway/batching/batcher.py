@@ -58,6 +58,8 @@ FEEDBACK_LATE_SHARE = 0.01
 FEEDBACK_DECREASE = 0.8
 FEEDBACK_INCREASE = 0.05
 FEEDBACK_FLOOR = 0.5
+#: Weight of the newest batch in the padding ratio's moving average.
+PADDING_RATIO_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class DynamicBatcher(Generic[R]):
         flush_when_idle: Send at once when no batch is in flight (no wait for companions on an idle backend).
         admission: The admission policy (SLO target, retry across outages).
         ready: Whether the backend is ready (needed to wait out an outage; None: no retry).
+        backend_parallelism: How many of this variant's batches the backend runs at the same time (Triton's
+            instance count of the model, at most ``max_inflight_batches``); the predicted drain time divides by it.
     """
 
     def __init__(
@@ -124,9 +128,12 @@ class DynamicBatcher(Generic[R]):
         flush_when_idle: bool = False,
         admission: AdmissionPolicy | None = None,
         ready: ReadyFn | None = None,
+        backend_parallelism: int = 1,
     ) -> None:
         if max_inflight_batches < 1:
             raise ValueError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
+        if backend_parallelism < 1:
+            raise ValueError(f"backend_parallelism must be >= 1, got {backend_parallelism}")
         self.name = name
         self.limits = limits
         self._process_fn = process
@@ -135,6 +142,9 @@ class DynamicBatcher(Generic[R]):
         self._idle_limits = dataclasses.replace(limits, max_wait_seconds=0.0)
         self._metrics = metrics
         self._max_inflight = max_inflight_batches
+        #: Batches the backend works on at once: each runs on its own model instance, so the work ahead drains
+        #: this many times faster than one batch after the other, but one batch is never faster than alone.
+        self.parallelism = min(backend_parallelism, max_inflight_batches)
         self._queue = RequestQueue(
             max_queue_size,
             retry_after_seconds=retry_after_seconds,
@@ -157,7 +167,10 @@ class DynamicBatcher(Generic[R]):
         self._outage = False
         self._recovering = False
         self._recovered_at = 0.0
-        self._last_done = 0.0
+        self._lanes_free = [0.0] * self.parallelism
+        #: Padded tokens per real token of the recent batches (EWMA): converts the queue's token count into the
+        #: padded work the service-time model is fitted on.
+        self.padding_ratio = 1.0
         self._retry_after_base = retry_after_seconds
         self._metric_intercept = metrics.service_time_intercept_seconds.labels(variant=name)
         self._metric_per_token = metrics.service_time_per_token_seconds.labels(variant=name)
@@ -271,27 +284,38 @@ class DynamicBatcher(Generic[R]):
         now = time.monotonic() if now is None else now
         if not self.service_time.ready:
             return 0.0
-        return self._inflight_left(now) + self._predict_queue(len(self._queue), self._queue.tokens)
+        return self._inflight_left(now) + self._predict_queue(len(self._queue), self._queue.tokens) / self.parallelism
 
     def _inflight_left(self, now: float) -> float:
-        # The backend works through the variant's in-flight batches one after the other, busy since the oldest
-        # was sent.
         if not self._running:
             return 0.0
-        oldest = min(started for started, _ in self._running.values())
-        return max(0.0, sum(predicted for _, predicted in self._running.values()) - (now - oldest))
+        if self.parallelism == 1:
+            # The backend works through the variant's in-flight batches one after the other, busy since the oldest
+            # was sent.
+            oldest = min(started for started, _ in self._running.values())
+            return max(0.0, sum(predicted for _, predicted in self._running.values()) - (now - oldest))
+        # Each in-flight batch runs on its own instance: what is left of each, shared by the instances.
+        left = sum(max(0.0, predicted - (now - started)) for started, predicted in self._running.values())
+        return left / self.parallelism
 
     def _predict_queue(self, rows: int, tokens: int) -> float:
         if rows <= 0:
             return 0.0
-        batches = max(math.ceil(rows / self.limits.max_batch_size), math.ceil(tokens / self.limits.max_batch_tokens))
-        return self.service_time.predict_tokens(batches, tokens)
+        # The model is fitted on padded tokens (rows x longest); the queue knows each text's own length, so its
+        # tokens are scaled by the padding the batches actually had.
+        padded = tokens * self.padding_ratio
+        batches = max(math.ceil(rows / self.limits.max_batch_size), math.ceil(padded / self.limits.max_batch_tokens))
+        return self.service_time.predict_tokens(batches, int(padded))
 
     def predicted_completion_seconds(self, lengths: Sequence[int], now: float | None = None) -> float:
         """Predicted time from now until a new request of texts of ``lengths`` tokens would be answered."""
         now = time.monotonic() if now is None else now
         rows, tokens = len(self._queue) + len(lengths), self._queue.tokens + sum(lengths)
-        return self._inflight_left(now) + self._predict_queue(rows, tokens)
+        shared = self._inflight_left(now) + self._predict_queue(rows, tokens) / self.parallelism
+        if self.parallelism == 1:
+            return shared
+        # Parallel instances drain the work ahead faster, but the request's own batch still runs whole on one.
+        return max(shared, self._predict_queue(len(lengths), sum(lengths)))
 
     def precheck(self, deadline: float, texts: int = 1) -> None:
         """Refuse (429) at once when the work already ahead misses the budget, before the request costs anything.
@@ -444,6 +468,8 @@ class DynamicBatcher(Generic[R]):
         self._inflight.inc()
         started = time.perf_counter()
         seq = max(e.length for e in batch)
+        real = sum(max(1, e.length) for e in batch)
+        self.padding_ratio += PADDING_RATIO_WEIGHT * (len(batch) * max(1, seq) / real - self.padding_ratio)
         try:
             # Nobody waits for this batch after its latest deadline: the adapter ends its backend call then, so a
             # stalled backend frees the in-flight slot instead of holding it while the queue behind it expires.
@@ -517,13 +543,17 @@ class DynamicBatcher(Generic[R]):
     def _learn(self, rows: int, seq: int, started: float) -> None:
         """Feed the service-time model with the time the backend spent on this batch alone.
 
-        With two batches in flight the second waits inside the backend while the first runs, so its latency is
-        not its cost: the backend's time on a batch is counted from when it was sent or the previous batch of the
-        variant finished, whichever is later (a FIFO server's service time).
+        With more batches in flight than the backend has instances, a batch waits inside the backend while
+        another runs, so its latency is not its cost: the backend's time on a batch is counted from when it was sent
+        or when an instance last became free, whichever is later (a FIFO server's service time; with one instance,
+        after the previous batch of the variant finished).
         """
         done = time.perf_counter()
-        busy_from = max(started, self._last_done)
-        self._last_done = done
+        # One lane per backend instance: the batch ran from when it was sent or the lane it took last became
+        # free, whichever is later (with one instance: after the previous batch finished).
+        lane = min(range(len(self._lanes_free)), key=self._lanes_free.__getitem__)
+        busy_from = max(started, self._lanes_free[lane])
+        self._lanes_free[lane] = done
         self.service_time.observe(rows, seq, done - busy_from)
         snap = self.service_time.snapshot()
         self._metric_intercept.set(snap.intercept_seconds)

@@ -131,17 +131,18 @@ async def open_loop(
                         conn = await asyncio.open_connection(host, port)
                         out.connections_opened += 1
                     reader, writer = conn
-                    writer.write(requests[i % len(requests)])
                     try:
+                        writer.write(requests[i % len(requests)])
                         status, headers, body, keep_alive = await read_response(reader, wanted)
                         break
-                    except asyncio.IncompleteReadError as exc:
+                    except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
                         # A kept-alive connection the server closed while it sat idle (its keep-alive timeout):
                         # nothing was answered, so the request goes once more on a fresh connection, as HTTP
-                        # client pools do. A fresh connection that closes without an answer is a loss.
+                        # client pools do. A fresh connection that fails without an answer is a loss.
                         writer.close()
                         conn = None
-                        if not reused or exc.partial or attempt:
+                        partial = isinstance(exc, asyncio.IncompleteReadError) and bool(exc.partial)
+                        if not reused or partial or attempt:
                             raise
                         out.stale_retries += 1
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:

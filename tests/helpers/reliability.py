@@ -52,8 +52,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "3. Overload at 3x capacity, admission by predicted completion",
         (
             "One full batch alone and the closed-loop capacity are measured first; the SLO target is 200 ms, or 4x "
-            "the full-batch time where that exceeds 50 ms. An open-loop generator (aiohttp, requests of 8 texts) "
-            "then offers 3x the capacity for 30 s. Asserted: only 200 and 429, every 429 with a Retry-After of "
+            "the full-batch time where that exceeds 50 ms. An open-loop generator (tests/helpers/open_loop.py: raw "
+            "keep-alive HTTP/1.1 with request bytes built before the clock starts, so that it takes little of the "
+            "2 shared cores; the capacity is measured with its closed-loop twin; requests of 8 texts) then offers "
+            "3x the capacity for 30 s. Asserted: only 200 and 429, every 429 with a Retry-After of "
             "1-10 s, RSS growth under 50 MiB, goodput at least 0.3x capacity and the admitted P99 (gateway clock) "
             "within 10x the target. The issue's goals (P99 <= 1.2x target, goodput >= 0.8x) are the figures "
             "`admitted_p99_over_slo` and `goodput_share_of_capacity` below."
@@ -176,7 +178,11 @@ def render(data: dict[str, Any]) -> str:
         (
             "- **Service-time model.** Each variant's batcher fits `seconds = intercept + per_token x rows x padded "
             "length` online (recursive least squares, forgetting factor 0.98) to the time the backend spent on each "
-            "of its batches (counted from when a batch was sent or the previous one finished, whichever is later). "
+            "of its batches (counted from when a batch was sent or when a backend instance last became free, "
+            "whichever is later: Triton runs one batch per model instance at a time; the instance count is read from "
+            "Triton's model config at start). The queue's text tokens are scaled by the padding ratio of recent "
+            "batches (padded tokens per text token) before they are priced, and the drain time of the work ahead "
+            "is divided by the instance count (`backend_parallelism`), never below the request's own batch alone. "
             "Exported as `gateway_service_time_intercept_seconds`, `gateway_service_time_per_token_seconds` and "
             "`gateway_predicted_drain_seconds`, and shown per variant in `GET /v1/models` (`service_time`)."
         ),

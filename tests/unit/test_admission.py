@@ -16,7 +16,9 @@ import pytest
 from service.gateway.backend.fake import FakeBackend
 from service.gateway.batching.batcher import (
     FEEDBACK_DECREASE,
+    FEEDBACK_FLOOR,
     FEEDBACK_INCREASE,
+    FEEDBACK_MAX_CUT,
     FEEDBACK_WINDOW,
     RETRY_AFTER_BOUNDS,
     AdmissionPolicy,
@@ -56,6 +58,18 @@ def test_service_time_model_follows_a_slower_backend():
     for _ in range(100):
         model.observe(16, 20, 0.03)  # the machine got three times slower
     assert fast == pytest.approx(0.01, rel=0.1) and model.predict(16, 20) == pytest.approx(0.03, rel=0.1)
+
+
+def test_service_time_model_survives_a_long_run_of_equal_batches_and_one_stall():
+    """Covariance wind-up: equal batches leave one direction unexcited; one odd sample must not swing the fit."""
+    model = ServiceTimeModel()
+    for i in range(1000):
+        model.observe(32, 14, 0.05 + 0.005 * (i % 3))
+    before_full, before_small = model.predict(32, 14), model.predict(8, 14)
+    model.observe(8, 14, 0.02)
+    model.observe(32, 16, 0.5)  # a stalled batch, 10x the usual
+    assert model.predict(32, 14) == pytest.approx(before_full, rel=0.25)
+    assert 0.0 < model.predict(8, 14) <= before_full and model.predict(8, 14) == pytest.approx(before_small, rel=0.5)
 
 
 def test_service_time_model_ignores_nonsense_samples():
@@ -201,6 +215,22 @@ async def test_parallel_backend_instances_drain_the_queue_faster_but_never_split
     await asyncio.wait_for(asyncio.gather(*running, *queued), 10)
 
 
+async def test_queue_tokens_are_priced_with_the_padding_recent_batches_had(harness):
+    h = await harness(slo=10.0)
+    for _ in range(32):  # 1.25 ms per padded token, no fixed cost
+        h.batcher.service_time.observe(8, 10, 0.1)
+        h.batcher.service_time.observe(8, 40, 0.4)
+    assert h.batcher.padding_ratio == 1.0
+    long_text = " ".join(["word"] * 40)
+    await asyncio.wait_for(asyncio.gather(*h.submit(SHORT, SHORT, SHORT, long_text)), 10)  # one padded batch
+    ratio = h.batcher.padding_ratio
+    assert ratio > 1.0  # three short texts padded to the long one's length
+    model = h.batcher.service_time
+    # eight queued texts of 10 tokens are priced as the padded work batches of them really were
+    assert h.batcher.predicted_completion_seconds([10] * 8) == pytest.approx(model.predict_tokens(1, int(80 * ratio)))
+    assert model.predict_tokens(1, int(80 * ratio)) > model.predict_tokens(1, 80)
+
+
 async def test_one_instance_is_assumed_when_the_gateway_keeps_fewer_batches_in_flight(harness):
     h = await harness(slo=0.45, max_inflight=1, parallelism=4)
     assert h.batcher.parallelism == 1  # instances beyond the in-flight limit never run a batch of the variant
@@ -217,8 +247,8 @@ async def test_late_answers_shrink_the_budget_and_prompt_ones_restore_it(harness
     queued = [f for _ in range(3) for f in h.submit(*[SHORT] * 8)]  # ~0.4 s of work ahead: fits 0.45 s
     h.batcher.precheck(time.monotonic() + 30.0)
     for i in range(FEEDBACK_WINDOW):
-        h.batcher.observe_latency(0.6 if i < 2 else 0.2)  # 2% answered past the SLO
-    assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE)
+        h.batcher.observe_latency(0.5 if i < 2 else 0.2)  # 2% answered past the SLO, P99 0.5 s: 0.45/0.5 = 0.9
+    assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE)  # a small miss: the fixed step
     assert h.sample("gateway_admission_budget_scale", variant="int8") == pytest.approx(FEEDBACK_DECREASE)
     with pytest.raises(Overloaded):  # the same work ahead no longer fits the shrunk budget (0.45 x 0.8 s)
         h.batcher.precheck(time.monotonic() + 30.0)
@@ -228,12 +258,40 @@ async def test_late_answers_shrink_the_budget_and_prompt_ones_restore_it(harness
     for _ in range(3 * FEEDBACK_WINDOW):
         h.batcher.observe_latency(0.1)
     assert h.batcher.budget_scale == pytest.approx(FEEDBACK_DECREASE + 3 * FEEDBACK_INCREASE)
-    for _ in range(20 * FEEDBACK_WINDOW):
+    scale = h.batcher.budget_scale
+    for i in range(FEEDBACK_WINDOW):
+        h.batcher.observe_latency(0.6 if i < 5 else 0.2)  # P99 0.6 s: cut in proportion, 0.45/0.6 = 0.75
+    assert h.batcher.budget_scale == pytest.approx(scale * 0.75)
+    scale = h.batcher.budget_scale
+    for _ in range(FEEDBACK_WINDOW):
+        h.batcher.observe_latency(5.0)  # far over: at most halved in one window
+    assert h.batcher.budget_scale == pytest.approx(max(FEEDBACK_FLOOR, scale * FEEDBACK_MAX_CUT))
+    for _ in range(10 * FEEDBACK_WINDOW):
+        h.batcher.observe_latency(5.0)
+    assert h.batcher.budget_scale == pytest.approx(FEEDBACK_FLOOR)  # never below the floor
+    for _ in range(40 * FEEDBACK_WINDOW):
         h.batcher.observe_latency(0.1)
     assert h.batcher.budget_scale == 1.0  # never above the configured budget
     h.batcher.precheck(time.monotonic() + 30.0)
     gate.set()
     await asyncio.wait_for(asyncio.gather(*first, *queued), 10)
+
+
+async def test_an_idle_backend_admits_a_request_even_if_it_alone_exceeds_the_slo(harness):
+    backend = FakeBackend(len(LABELS))
+    gate = backend.hold()
+    h = await harness(backend, slo=0.05)
+    h.train(0.1)  # one batch alone takes 0.1 s: over the 0.05 s SLO
+    alone = h.submit(*[SHORT] * 8)  # nothing ahead: refusing it would only send the client back to the same wait
+    await backend.wait_entered(1)
+    with pytest.raises(Overloaded):
+        h.submit(*[SHORT] * 8)  # behind it, the SLO applies
+    with pytest.raises(Overloaded):
+        h.batcher.precheck(time.monotonic() + 30.0)
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(*alone), 10)
+    with pytest.raises(Overloaded):
+        h.submit(*[SHORT] * 8, deadline_in=0.05)  # idle again, but its own deadline is too short
 
 
 async def test_admission_refuses_what_would_miss_its_own_deadline(harness):

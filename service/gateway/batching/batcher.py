@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import time
+from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -57,7 +58,9 @@ FEEDBACK_WINDOW = 100
 FEEDBACK_LATE_SHARE = 0.01
 FEEDBACK_DECREASE = 0.8
 FEEDBACK_INCREASE = 0.05
-FEEDBACK_FLOOR = 0.5
+FEEDBACK_FLOOR = 0.25
+#: The largest single cut of the budget scale (a window whose P99 was twice the SLO or worse halves it).
+FEEDBACK_MAX_CUT = 0.5
 #: Weight of the newest batch in the padding ratio's moving average.
 PADDING_RATIO_WEIGHT = 0.1
 
@@ -179,9 +182,8 @@ class DynamicBatcher(Generic[R]):
         self._metric_scale = metrics.admission_budget_scale.labels(variant=name)
         #: Share of the SLO budget granted now; AIMD on the latency of answered requests (observe_latency).
         self.budget_scale = 1.0
-        self._window_answered = 0
-        self._window_late = 0
-        self._window_slowest = 0.0
+        #: Latencies of the answers of the current feedback window.
+        self._window: list[float] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -339,7 +341,9 @@ class DynamicBatcher(Generic[R]):
         The service-time model predicts the batch work; what happens outside it (a busy event loop, encoding,
         scheduling on a shared machine) it cannot see, and under overload that can double an admitted request's
         latency. So admission also corrects itself from the outcome: every :data:`FEEDBACK_WINDOW` answers, if
-        more than :data:`FEEDBACK_LATE_SHARE` of them missed the SLO the budget shrinks by :data:`FEEDBACK_DECREASE`;
+        more than :data:`FEEDBACK_LATE_SHARE` of them missed the SLO the budget shrinks by :data:`FEEDBACK_DECREASE`,
+        or in proportion to the miss when the window's P99 overshot the SLO by more (``SLO / P99``, never below
+        :data:`FEEDBACK_MAX_CUT` in one step: one window corrects most of an overshoot instead of several);
         if even the slowest one used less than 90% of the SLO it grows back by :data:`FEEDBACK_INCREASE` (up to 1).
         Outages and the recovery grace period do not count: admission then checks deadlines only.
 
@@ -349,18 +353,19 @@ class DynamicBatcher(Generic[R]):
         slo = self.admission.slo_seconds
         if slo is None or self._outage or self._recovering:
             return
-        self._window_answered += 1
-        self._window_late += seconds > slo
-        self._window_slowest = max(self._window_slowest, seconds)
-        if self._window_answered < FEEDBACK_WINDOW:
+        self._window.append(seconds)
+        if len(self._window) < FEEDBACK_WINDOW:
             return
-        if self._window_late > FEEDBACK_LATE_SHARE * self._window_answered:
-            self.budget_scale = max(FEEDBACK_FLOOR, self.budget_scale * FEEDBACK_DECREASE)
-        elif self._window_slowest < 0.9 * slo:
+        window = sorted(self._window)
+        self._window.clear()
+        late = len(window) - bisect_right(window, slo)
+        if late > FEEDBACK_LATE_SHARE * len(window):
+            p99 = window[min(len(window) - 1, math.ceil(0.99 * len(window)) - 1)]
+            cut = max(FEEDBACK_MAX_CUT, min(FEEDBACK_DECREASE, slo / p99))
+            self.budget_scale = max(FEEDBACK_FLOOR, self.budget_scale * cut)
+        elif window[-1] < 0.9 * slo:
             self.budget_scale = min(1.0, self.budget_scale + FEEDBACK_INCREASE)
         self._metric_scale.set(self.budget_scale)
-        self._window_answered = self._window_late = 0
-        self._window_slowest = 0.0
 
     def _budget(self, deadline: float, now: float) -> float:
         budget = deadline - now
@@ -406,6 +411,10 @@ class DynamicBatcher(Generic[R]):
     def _check(self, predicted: float, deadline: float, now: float, *, texts: int) -> None:
         budget = self._budget(deadline, now)
         if predicted <= budget:
+            return
+        if not self._running and len(self._queue) == 0 and predicted <= deadline - now:
+            # Nothing ahead: the request alone is the fastest it can ever be, so refusing it would only make the
+            # client come back to the same answer. Only its own deadline can refuse it.
             return
         retry_after = self.retry_after_seconds(now)
         self._metrics.requests_rejected_total.labels(reason="predicted_late").inc(texts)

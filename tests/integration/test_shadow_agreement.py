@@ -26,10 +26,13 @@ from tests.helpers.reliability import record
 
 pytestmark = pytest.mark.integration
 
-#: The real build's agreement with FP16 on these questions (fraction of texts with the same label).
-MIN_REAL_AGREEMENT = 0.95
-#: The alert threshold in the test's copy of the rules (deployed: 0.97; see _rules).
-TEST_AGREEMENT_THRESHOLD = 0.9
+#: The real build's agreement with FP16 on these questions (fraction of texts with the same label): a trained model
+#: (the default build, given as LORASERVE_TEST_MODEL_REPOSITORY) must reach the issue's 0.99; the tests' near-random
+#: tiny build reaches 0.93 on AVX2-only CPUs (7-bit INT8 weights; 1.0 with AVX-512 VNNI kernels).
+MIN_REAL_AGREEMENT = {"trained": 0.99, "tiny": 0.88}
+#: The alert threshold in the test's copy of the rules (deployed: 0.97; see _rules): between the tiny build
+#: (>= 0.93 measured) and its corrupted copy (0.70-0.80 measured).
+TEST_AGREEMENT_THRESHOLD = 0.85
 
 
 def corrupt_int8(version_dir: Path) -> None:
@@ -56,8 +59,8 @@ def _rules(workdir: Path) -> list[str]:
         text = (RULES_DIR / name).read_text().replace("[10m]", "[30s]").replace("for: 5m", "for: 0s")
         text = text.replace("> 0.1", "> 0.01")
         # The tests' tiny build (12 training steps, near-random) has top-2 logit margins down to 0.05 on these
-        # questions, under its INT8 noise: on an AVX2-only CPU one of the 10 questions flips and its INT8 agrees
-        # 96.7% with FP16 (100% with AVX-512 VNNI kernels), the corrupted build 70-80%. The deployed 97% fits a
+        # questions, under its INT8 noise: on an AVX2-only CPU one or two of the 10 questions flip and its INT8
+        # agrees 93-97% with FP16 (100% with AVX-512 VNNI kernels), the corrupted build 70-80%. The deployed 97% fits a
         # trained model (the default build: agreement recorded below when it is the test repository); for the
         # tiny one the test moves the threshold between the two populations. promtool's unit test
         # (tests/unit/test_prometheus_rules.py) checks the rule as deployed.
@@ -141,7 +144,8 @@ def test_shadow_alert_fires_for_a_corrupted_int8_model_only(model_repository, tm
             },
         )
         assert namespaces == {"corrupt"}, firing
-        assert real >= MIN_REAL_AGREEMENT and bad < 0.9, (real, bad)
+        kind = "tiny" if "tiny-build" in str(model_repository) else "trained"
+        assert real >= MIN_REAL_AGREEMENT[kind] and bad < TEST_AGREEMENT_THRESHOLD, (real, bad)
     finally:
         if prom is not None:
             prom.stop()

@@ -199,8 +199,10 @@ def render(data: dict[str, Any]) -> str:
             "- **Feedback from the outcome.** The service-time model sees only the batch; on a busy machine an "
             "admitted request also waits for the event loop and the CPU. So the budget corrects itself from the "
             "latency of answered requests (Clipper's AIMD, applied to the admission budget): every 100 answers, if "
-            "more than 1% of them missed the SLO the budget shrinks x0.8 (floor 0.5 of the configured one); if even "
-            "the slowest used less than 90% of the SLO it grows back by 0.05. Outages and the recovery grace period "
+            "more than 1% of them missed the SLO the budget shrinks by x0.8, or by SLO/P99 of the window when that "
+            "is smaller (at most halved per window; floor 0.25 of the configured one); if even the slowest used less "
+            "than 90% of the SLO it grows back by 0.05. A request that finds nothing in flight or queued is admitted "
+            "if its own deadline allows, even when it alone exceeds the SLO. Outages and the recovery grace period "
             "do not count. Exported as `gateway_admission_budget_scale`, shown in `GET /v1/models`."
         ),
         (

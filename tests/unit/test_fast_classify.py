@@ -35,7 +35,6 @@ CASES = [
     (json.dumps({"text": "a", "bogus": 1}), {}),
     (json.dumps({"text": "a", "deadline_ms": 0}), {}),
     (json.dumps({"text": "a", "deadline_ms": 3_600_001}), {}),
-    (json.dumps({"text": "a", "deadline_ms": True}), {}),
     (json.dumps({"text": "a", "deadline_ms": 500.0}), {}),
     (json.dumps({"text": "a", "deadline_ms": "500"}), {}),
     (json.dumps({"text": "a", "variant": 8}), {}),
@@ -90,6 +89,9 @@ def test_parse_takes_certainly_valid_requests(payload, decoded):
     [
         (b'{"text": " "}', []),
         (b'{"text": "a", "deadline_ms": 1.5}', []),
+        # a boolean is 1 ms to pydantic; the lean path leaves it to the same FastAPI route (comparing the two
+        # answers would only race a 1 ms deadline against the fake backend)
+        (b'{"text": "a", "deadline_ms": true}', []),
         (b'{"text": "a"}', [(b"content-type", b"text/plain")]),
         (b'{"text": "a"}', [(b"x-deadline-ms", b"-1")]),
         (b"not json", []),
